@@ -1,0 +1,99 @@
+"""The async engine: streamed deltas, abort on consumer exit, back-pressure, fault recovery."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from workers.async_engine import AsyncLLMEngine
+from workers.config import EngineConfig
+from workers.errors import ContextLengthError, QueueFullError
+from workers.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    eng = AsyncLLMEngine(EngineConfig(model=model_dir, max_model_len=512, num_kv_blocks=128,
+                                      max_waiting_requests=4))
+    yield eng
+    asyncio.run(eng.shutdown(drain=False))
+
+
+async def wait_idle(engine: AsyncLLMEngine) -> dict:
+    for _ in range(100):
+        stats = engine.stats()
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+            return stats
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"engine did not go idle: {engine.stats()}")
+
+
+async def collect(engine, ids, params, rid):
+    outs = [o async for o in engine.generate(ids, params, rid)]
+    return outs
+
+
+async def test_stream_matches_offline_engine(engine):
+    ids = engine.tokenizer.encode("The capital of France is")
+    outs = await collect(engine, ids, SamplingParams(temperature=0, max_tokens=12,
+                                                     ignore_eos=True), "a")
+    assert [o.finish_reason for o in outs[:-1]] == [None] * (len(outs) - 1)
+    assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 12
+    tokens = [t for o in outs for t in o.token_ids]
+    assert "".join(o.text for o in outs) == engine.tokenizer.decode(tokens)
+
+
+async def test_consumer_leaving_aborts_and_frees_blocks(engine):
+    ids = engine.tokenizer.encode("Tell me a long story about a dragon.")
+    gen = engine.generate(ids, SamplingParams(max_tokens=200, ignore_eos=True), "leaver")
+    async for out in gen:
+        if out.completion_tokens >= 3:
+            break
+    await gen.aclose()
+    stats = await wait_idle(engine)
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+async def test_bad_request_raises_before_streaming(engine):
+    with pytest.raises(ContextLengthError):
+        await collect(engine, [1] * 600, SamplingParams(), "too-long")
+    assert engine.is_alive()
+
+
+async def test_queue_full_is_reported(engine):
+    ids = engine.tokenizer.encode("Count to one hundred:")
+    engine._stats = {**engine.stats(), "num_waiting": 4}  # as the engine thread would report
+    with pytest.raises(QueueFullError):
+        await collect(engine, ids, SamplingParams(max_tokens=2), "full")
+    await wait_idle(engine)
+
+
+async def test_failing_step_fails_its_requests_and_engine_recovers(engine):
+    ids = engine.tokenizer.encode("Hello")
+    runner = engine.engine.runner
+    original = runner.execute
+
+    def explode(batch):
+        runner.execute = original
+        raise RuntimeError("injected fault")
+
+    runner.execute = explode
+    with pytest.raises(RuntimeError, match="injected fault"):
+        await collect(engine, ids, SamplingParams(max_tokens=4), "doomed")
+    assert engine.is_alive()
+    outs = await collect(engine, ids, SamplingParams(max_tokens=4, ignore_eos=True), "after")
+    assert outs[-1].finish_reason == "length"
+    stats = await wait_idle(engine)
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+async def test_concurrent_requests_share_steps(engine):
+    ids = engine.tokenizer.encode("List three colors:")
+    start = engine.step_count
+    results = await asyncio.gather(*[
+        collect(engine, ids, SamplingParams(temperature=0.8, seed=i, max_tokens=10,
+                                            ignore_eos=True), f"c{i}") for i in range(4)])
+    assert all(r[-1].completion_tokens == 10 for r in results)
+    assert engine.step_count - start < 4 * 10  # batched, not one request after another

@@ -1,0 +1,1 @@
+"""Model replicas: our own LLM engine (paged KV cache, continuous batching)."""

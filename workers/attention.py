@@ -1,0 +1,141 @@
+"""Attention backends: the interface the model calls, and the PyTorch reference backend.
+
+The KV cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
+A step writes its new K/V into the cache by slot mapping first, then attention reads every
+key and value (cached prefix and new tokens alike) through the block table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's flattened batch; sequence i owns query rows query_start_loc[i]:[i+1]."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, block * block_size + offset
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    query_start_loc_cpu: list[int]
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class TorchBackend:
+    """Reference backend in plain PyTorch; the production path on CPU."""
+
+    name = "torch"
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        num_blocks, block_size = k_cache.shape[:2]
+        k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k
+        v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim] -> same shape."""
+        out = torch.empty_like(q)
+        decodes = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
+        if decodes:
+            rows = meta.query_start_loc[:-1] if len(decodes) == meta.num_seqs else \
+                meta.query_start_loc[torch.tensor(decodes)]
+            seqs = slice(None) if len(decodes) == meta.num_seqs else torch.tensor(decodes)
+            out[rows] = self._decode(q[rows], k_cache, v_cache, meta.block_tables[seqs],
+                                     meta.seq_lens[seqs], max(meta.seq_lens_cpu[i] for i in decodes),
+                                     scale)
+        for i, n in enumerate(meta.query_lens_cpu):
+            if n == 1:
+                continue
+            start = meta.query_start_loc_cpu[i]
+            out[start:start + n] = self._prefill(q[start:start + n], k_cache, v_cache,
+                                                 meta.block_tables[i], meta.seq_lens_cpu[i], scale)
+        return out
+
+    @staticmethod
+    def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        block_size = cache.shape[1]
+        blocks = cache[block_table[..., : -(-length // block_size)].long()]
+        return blocks.flatten(-4, -3)[..., :length, :, :]
+
+    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, max_len, scale):
+        k = self._gather(k_cache, block_tables, max_len).transpose(1, 2)  # [B, Hkv, L, D]
+        v = self._gather(v_cache, block_tables, max_len).transpose(1, 2)
+        mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                           scale=scale, enable_gqa=True)
+        return o.squeeze(2)
+
+    def _prefill(self, q, k_cache, v_cache, block_table, seq_len, scale):
+        n = q.shape[0]
+        k = self._gather(k_cache, block_table, seq_len).transpose(0, 1)  # [Hkv, L, D]
+        v = self._gather(v_cache, block_table, seq_len).transpose(0, 1)
+        q = q.transpose(0, 1)
+        if n == seq_len:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=True)
+        else:
+            pos = torch.arange(seq_len - n, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        return o.transpose(0, 1)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed, new_residual); with a residual, adds it to x first."""
+        if residual is not None:
+            x = x + residual
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (out.to(x.dtype) * weight), x
+
+    def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+             cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotary embedding; q/k: [num_tokens, heads, head_dim]."""
+        cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def get_backend(name: str, device: torch.device):
+    """auto: flash when installed on CUDA, else Triton on CUDA, else the torch reference."""
+    if name == "auto":
+        if device.type != "cuda":
+            return TorchBackend()
+        try:
+            import vllm_flash_attn  # noqa: F401
+            name = "flash"
+        except ImportError:
+            name = "triton"
+    if name == "torch":
+        return TorchBackend()
+    if name == "triton":
+        from kernels.backend import TritonBackend
+        return TritonBackend()
+    if name == "flash":
+        from kernels.backend import FlashBackend
+        return FlashBackend()
+    raise ValueError(f"unknown attention backend {name!r}")

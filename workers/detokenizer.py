@@ -1,0 +1,55 @@
+"""Incremental detokenization and stop-string handling for one sequence.
+
+Text is decoded over a short window of recent tokens, and a delta is released only when it
+does not end in an incomplete UTF-8 character. When stop strings are set, the last
+`max(len(stop)) - 1` characters are held back so a stop string split across tokens is never
+emitted.
+"""
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str],
+                 skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(prompt_token_ids[-6:])  # context so leading spaces decode right
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""  # output text so far (truncated at a stop string)
+        self.emitted = 0  # characters of self.text already returned
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append a token; returns the matched stop string if one now appears in the text."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+            return None  # wait for the rest of a multi-byte character
+        new = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        start = max(0, len(self.text) - self.hold)
+        self.text += new
+        if not check_stop:
+            return None
+        matches = [(idx, stop) for stop in self.stop if (idx := self.text.find(stop, start)) != -1]
+        if not matches:
+            return None
+        idx, stop = min(matches)
+        self.text = self.text[:idx]
+        return stop
+
+    def take(self, finished: bool) -> str:
+        """The text not yet returned, holding back a possible stop-string prefix unless finished."""
+        end = len(self.text) if finished or not self.stop else max(self.emitted,
+                                                                    len(self.text) - self.hold)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta

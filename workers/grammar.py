@@ -1,0 +1,57 @@
+"""Constrained decoding with xgrammar: JSON (schema) grammars that mask the sampler's logits."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+import xgrammar as xgr
+
+from workers.errors import InvalidRequestError
+
+
+class GrammarCompiler:
+    """Compiles and caches JSON-schema grammars for one tokenizer."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=stop_token_ids)
+        self.compiler = xgr.GrammarCompiler(info)
+        self.vocab_size = vocab_size
+        self._compile = lru_cache(maxsize=128)(self._compile_uncached)
+
+    def _compile_uncached(self, schema_json: str) -> xgr.CompiledGrammar:
+        schema = json.loads(schema_json)
+        if schema == {"type": "object"}:
+            return self.compiler.compile_builtin_json_grammar()
+        return self.compiler.compile_json_schema(schema_json, any_whitespace=False)
+
+    def matcher(self, schema: dict) -> Grammar:
+        try:
+            compiled = self._compile(json.dumps(schema, sort_keys=True))
+        except Exception as e:  # xgrammar raises several types for unsupported schemas
+            raise InvalidRequestError(f"invalid JSON schema: {e}", param="response_format") from e
+        return Grammar(xgr.GrammarMatcher(compiled), self.vocab_size)
+
+
+class Grammar:
+    """The grammar state of one sequence."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher, vocab_size: int) -> None:
+        self.matcher = matcher
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Set the logits of every token the grammar forbids next to -inf (in place)."""
+        if self.matcher.is_terminated():
+            return
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        row = logits.view(1, -1)
+        xgr.apply_token_bitmask_inplace(row, self.bitmask.to(logits.device))
+
+    def accept(self, token_id: int) -> bool:
+        return self.matcher.is_terminated() or self.matcher.accept_token(token_id)
+
+    @property
+    def terminated(self) -> bool:
+        return self.matcher.is_terminated()

@@ -1,0 +1,182 @@
+"""The synchronous engine: add_request, step (schedule -> run -> sample -> postprocess), abort."""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import AutoTokenizer
+
+from workers.block_manager import BlockManager
+from workers.config import EngineConfig
+from workers.detokenizer import Detokenizer
+from workers.errors import ContextLengthError, InvalidRequestError
+from workers.grammar import GrammarCompiler
+from workers.model_runner import ModelRunner
+from workers.outputs import RequestOutput
+from workers.sampler import Sampler
+from workers.sampling_params import SamplingParams
+from workers.scheduler import Scheduler
+from workers.sequence import Sequence, SequenceStatus
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.runner = ModelRunner(config)
+        self.vocab_size = self.runner.model_config.vocab_size
+        self.eos_token_ids = self._eos_token_ids()
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
+        self._grammar: GrammarCompiler | None = None
+        self.seqs: dict[str, Sequence] = {}
+        self.last_step_time = 0.0  # seconds in the last model forward + sampling
+        self.last_schedule_time = 0.0  # seconds spent outside it (scheduling, batching, outputs)
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        eos = self.config.hf_config.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammar is None:
+            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size,
+                                            sorted(self.eos_token_ids))
+        return self._grammar
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise a typed error if the request cannot be served; changes no state."""
+        limit = self.config.max_model_len
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("The prompt is empty.", param="prompt")
+        if n >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {n} tokens, leaving no room for output.", param="messages")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
+                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        bad += [t for t in list(params.logit_bias) + params.stop_token_ids
+                if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.vocab_size}).", param="prompt")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already running.")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        if params.json_schema is not None:
+            seq.grammar = self.grammar_compiler.matcher(params.json_schema)
+        seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
+                                      params.skip_special_tokens)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, [], [], "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        forward_start = time.perf_counter()
+        logits = self.runner.execute(batch)
+        sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
+                    if s.num_computed_tokens + n == s.num_tokens]
+        sampled = self.sampler(logits, sampling) if sampling else None
+        forward_end = time.perf_counter()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+        outputs = []
+        for i, seq in enumerate(sampling):
+            outputs.append(self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i]))
+        self.last_step_time = forward_end - forward_start
+        self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        seq.token_ids.append(token)
+        params = seq.params
+        finish, stop_reason = None, None
+        min_done = seq.num_output_tokens >= params.min_tokens
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        if (token in params.stop_token_ids or is_eos) and min_done:
+            # the stop token's own text is not part of the output
+            finish, stop_reason = "stop", token if token in params.stop_token_ids else None
+        else:
+            stop_str = seq.detokenizer.add_token(token, check_stop=min_done)
+            if stop_str is not None:
+                finish, stop_reason = "stop", stop_str
+            elif seq.grammar is not None and seq.grammar.terminated:
+                finish = "stop"
+        if finish is None and ((params.max_tokens is not None and
+                                seq.num_output_tokens >= params.max_tokens) or
+                               seq.num_tokens >= self.config.max_model_len):
+            finish = "length"
+        if finish is not None:
+            seq.stop_reason = stop_reason
+            self.scheduler.finish(seq, finish)
+            self.seqs.pop(seq.request_id, None)
+        return self._output(seq, [token], [logprob] if logprob is not None else [], finish)
+
+    def _output(self, seq: Sequence, tokens: list[int], logprobs: list,
+                finish: str | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=seq.detokenizer.take(finished=finish is not None),
+            token_ids=tokens,
+            logprobs=logprobs if seq.params.logprobs is not None else None,
+            finish_reason=finish,
+            stop_reason=seq.stop_reason,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_output_tokens,
+            cached_tokens=seq.num_cached_tokens,
+        )
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "kv_usage": bm.usage,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "cached_block_hashes": bm.cached_hashes(),
+        }
+
+    def abort_all(self, reason: str = "abort") -> list[Sequence]:
+        """Drop every request (after an engine fault); returns the dropped sequences."""
+        dropped = list(self.seqs.values())
+        for seq in dropped:
+            if seq.status != SequenceStatus.FINISHED:
+                self.scheduler.finish(seq, reason)
+        self.seqs.clear()
+        return dropped

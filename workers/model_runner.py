@@ -1,0 +1,98 @@
+"""Owns the model and its KV cache; runs one flattened mixed batch per step."""
+from __future__ import annotations
+
+import torch
+
+from workers.attention import AttentionMetadata, get_backend
+from workers.config import EngineConfig
+from workers.loader import load_weights
+from workers.model import CausalLM, ModelConfig
+from workers.scheduler import ScheduledBatch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES.get(config.dtype) or (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model_config = ModelConfig.from_hf(config.hf_config)
+        self.backend = get_backend(config.attention_backend, self.device)
+        torch.manual_seed(config.seed)
+        with torch.device(self.device):
+            model = CausalLM(self.model_config, self.backend)
+        load_weights(model, config.model)
+        self.model = model.to(self.dtype).eval()
+        self.model.rope_cache = self.model.rope_cache.float()
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
+        self.kv_caches = self._allocate_kv()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.model_config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    def _blocks_for_budget(self) -> int:
+        per_block = self.kv_bytes_per_token * self.config.block_size
+        return max(1, int(self.config.kv_cache_memory_gb * 2**30 // per_block))
+
+    def _allocate_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.model_config
+        shape = (2, self.num_blocks, self.config.block_size, c.num_kv_heads, c.head_dim)
+        return [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device).unbind(0))
+                for _ in range(c.num_layers)]
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor,
+                                                      AttentionMetadata, list[int]]:
+        """Flatten the batch; returns input ids, positions, metadata and the rows to sample."""
+        bs = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts, seq_lens, sample_rows = [0], [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            begin = seq.num_computed_tokens
+            input_ids += seq.token_ids[begin:begin + n]
+            pos = range(begin, begin + n)
+            positions += pos
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            starts.append(starts[-1] + n)
+            seq_lens.append(begin + n)
+            if begin + n == seq.num_tokens:
+                sample_rows.append(starts[-1] - 1)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+
+        def tensor(data, dtype):
+            return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            query_start_loc=tensor(starts, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            block_tables=tensor(tables, torch.int32),
+            query_start_loc_cpu=starts,
+            query_lens_cpu=list(batch.num_new_tokens),
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Run the batch; returns logits of the sequences that sample this step, in order."""
+        input_ids, positions, meta, rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not rows:
+            return None
+        return self.model.compute_logits(hidden[rows])

@@ -1,0 +1,31 @@
+"""What the engine hands back to callers, one delta per request per step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One entry per sampled token: (token_id, logprob, [(top_token_id, top_logprob), ...]).
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
+@dataclass
+class RequestOutput:
+    """The new part of one request's generation since the previous output.
+
+    `text` and `token_ids` are deltas; `finish_reason` is set on the last output
+    ("stop", "length" or "abort"); usage counts are totals so far.
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that matched
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
