@@ -35,6 +35,9 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+DECODE_GROUP = 16
+
+
 class TorchBackend:
     """Reference backend in plain PyTorch; the production path on CPU."""
 
@@ -42,9 +45,9 @@ class TorchBackend:
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        num_blocks, block_size = k_cache.shape[:2]
-        k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k
-        v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        k_cache.view(num_slots, -1).index_copy_(0, slot_mapping, k.reshape(k.shape[0], -1))
+        v_cache.view(num_slots, -1).index_copy_(0, slot_mapping, v.reshape(v.shape[0], -1))
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -52,12 +55,14 @@ class TorchBackend:
         out = torch.empty_like(q)
         decodes = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
         if decodes:
-            rows = meta.query_start_loc[:-1] if len(decodes) == meta.num_seqs else \
-                meta.query_start_loc[torch.tensor(decodes)]
-            seqs = slice(None) if len(decodes) == meta.num_seqs else torch.tensor(decodes)
+            lens = [meta.seq_lens_cpu[i] for i in decodes]
+            if decodes[-1] == len(decodes) - 1:  # decodes lead the batch: plain slices
+                rows = seqs = slice(0, len(decodes))
+            else:
+                rows = meta.query_start_loc[torch.tensor(decodes)]
+                seqs = torch.tensor(decodes)
             out[rows] = self._decode(q[rows], k_cache, v_cache, meta.block_tables[seqs],
-                                     meta.seq_lens[seqs], max(meta.seq_lens_cpu[i] for i in decodes),
-                                     scale)
+                                     meta.seq_lens[seqs], lens, scale)
         for i, n in enumerate(meta.query_lens_cpu):
             if n == 1:
                 continue
@@ -68,11 +73,26 @@ class TorchBackend:
 
     @staticmethod
     def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-        block_size = cache.shape[1]
-        blocks = cache[block_table[..., : -(-length // block_size)].long()]
-        return blocks.flatten(-4, -3)[..., :length, :, :]
+        num_blocks, block_size, heads, dim = cache.shape
+        table = block_table[..., : -(-length // block_size)]
+        # index_select on a 2-D view is a plain multi-threaded row copy, much faster than indexing
+        rows = cache.view(num_blocks, -1).index_select(0, table.reshape(-1).long())
+        return rows.view(*table.shape[:-1], -1, heads, dim)[..., :length, :, :]
 
-    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, max_len, scale):
+    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, lens, scale):
+        # Groups of similar length (the engine sorts decodes by length): gathering every row
+        # to the batch's longest context would copy mostly padding.
+        if lens != sorted(lens):
+            return self._decode_group(q, k_cache, v_cache, block_tables, seq_lens, max(lens),
+                                      scale)
+        out = torch.empty_like(q)
+        for start in range(0, len(lens), DECODE_GROUP):
+            g = slice(start, start + DECODE_GROUP)
+            out[g] = self._decode_group(q[g], k_cache, v_cache, block_tables[g], seq_lens[g],
+                                        lens[g][-1], scale)
+        return out
+
+    def _decode_group(self, q, k_cache, v_cache, block_tables, seq_lens, max_len, scale):
         k = self._gather(k_cache, block_tables, max_len).transpose(1, 2)  # [B, Hkv, L, D]
         v = self._gather(v_cache, block_tables, max_len).transpose(1, 2)
         mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 
 import torch
 import xgrammar as xgr
@@ -18,17 +17,23 @@ class GrammarCompiler:
                                                   stop_token_ids=stop_token_ids)
         self.compiler = xgr.GrammarCompiler(info)
         self.vocab_size = vocab_size
-        self._compile = lru_cache(maxsize=128)(self._compile_uncached)
+        self._cache: dict[str, xgr.CompiledGrammar] = {}
 
-    def _compile_uncached(self, schema_json: str) -> xgr.CompiledGrammar:
-        schema = json.loads(schema_json)
-        if schema == {"type": "object"}:
-            return self.compiler.compile_builtin_json_grammar()
-        return self.compiler.compile_json_schema(schema_json, any_whitespace=False)
+    def _compile(self, schema: dict) -> xgr.CompiledGrammar:
+        key = json.dumps(schema, sort_keys=True)  # the cache key only: fields keep their order
+        if key not in self._cache:
+            if len(self._cache) >= 128:
+                self._cache.pop(next(iter(self._cache)))
+            if schema == {"type": "object"}:
+                self._cache[key] = self.compiler.compile_builtin_json_grammar()
+            else:
+                self._cache[key] = self.compiler.compile_json_schema(json.dumps(schema),
+                                                                     any_whitespace=False)
+        return self._cache[key]
 
     def matcher(self, schema: dict) -> Grammar:
         try:
-            compiled = self._compile(json.dumps(schema, sort_keys=True))
+            compiled = self._compile(schema)
         except Exception as e:  # xgrammar raises several types for unsupported schemas
             raise InvalidRequestError(f"invalid JSON schema: {e}", param="response_format") from e
         return Grammar(xgr.GrammarMatcher(compiled), self.vocab_size)

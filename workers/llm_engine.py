@@ -33,8 +33,8 @@ class LLMEngine:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
         self._grammar: GrammarCompiler | None = None
         self.seqs: dict[str, Sequence] = {}
-        self.last_step_time = 0.0  # seconds in the last model forward + sampling
-        self.last_schedule_time = 0.0  # seconds spent outside it (scheduling, batching, outputs)
+        self.last_step_time = 0.0  # seconds in the last model forward
+        self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
 
     def _eos_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -101,19 +101,26 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        # decodes first, shortest context first: attention backends batch them in slices
+        order = sorted(range(len(batch)), key=lambda i: (batch.num_new_tokens[i] > 1,
+                                                         batch.seqs[i].num_computed_tokens))
+        batch.seqs = [batch.seqs[i] for i in order]
+        batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
         forward_start = time.perf_counter()
         logits = self.runner.execute(batch)
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize()  # free: sampling syncs right after anyway; keeps timing honest
+        forward_end = time.perf_counter()
         sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
                     if s.num_computed_tokens + n == s.num_tokens]
         sampled = self.sampler(logits, sampling) if sampling else None
-        forward_end = time.perf_counter()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
         outputs = []
         for i, seq in enumerate(sampling):
             outputs.append(self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i]))
-        self.last_step_time = forward_end - forward_start
+        self.last_step_time = forward_end - forward_start - self.runner.last_prepare_time
         self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
         return outputs
 

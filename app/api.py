@@ -1,0 +1,107 @@
+"""The OpenAI-compatible FastAPI app, built around any engine client.
+
+`client` is an AsyncLLMEngine or anything that quacks like one (`generate`, `abort`, `stats`,
+`is_alive`, `tokenizer`, `config`), such as the Serve ingress's client of remote replicas.
+Tokenization and chat templates run here; only token ids and SamplingParams reach the engine.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.chat_completions import create_chat_completion
+from app.completions import create_completion
+from app.errors import APIError, install_error_handlers
+from app.ingress import Ingress, parse_body
+from app.middleware import RequestContext
+from app.params import check_token_ids
+from app.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from app.settings import Settings
+
+
+def build_app(client: Any, settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    ingress = Ingress.create(client, settings)
+    app = FastAPI(title="Pagoda", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ingress = ingress
+    install_error_handlers(app, settings.retry_after_s)
+    app.add_middleware(RequestContext, settings=settings, metrics=ingress.metrics)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request) -> Response:
+        request = await parse_body(raw, ChatCompletionRequest)
+        return await create_chat_completion(ingress, request, raw)
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request) -> Response:
+        request = await parse_body(raw, CompletionRequest)
+        return await create_completion(ingress, request, raw)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(ModelList(data=[model_card(ingress)]).model_dump())
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> JSONResponse:
+        ingress.check_model(name)
+        return JSONResponse(model_card(ingress).model_dump())
+
+    @app.get("/health")
+    async def health() -> Response:
+        alive = client.is_alive()
+        if inspect.isawaitable(alive):
+            alive = await alive
+        if not alive:
+            raise APIError(503, "The engine is not running.", type="server_error",
+                           code="engine_dead")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = ingress.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request) -> JSONResponse:
+        request = await parse_body(raw, TokenizeRequest)
+        ingress.check_model(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError(400, "Send exactly one of prompt or messages.", param="prompt")
+        if request.messages is not None:
+            text = ingress.template.render(
+                request.messages, request.tools,
+                add_generation_prompt=request.add_generation_prompt,
+                template_kwargs=request.chat_template_kwargs)
+            tokens = ingress.template.encode(text)
+        else:
+            tokens = ingress.tokenizer.encode(request.prompt,
+                                              add_special_tokens=request.add_special_tokens)
+        return JSONResponse(TokenizeResponse(tokens=tokens, count=len(tokens),
+                                             max_model_len=ingress.limits.max_model_len)
+                            .model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request) -> JSONResponse:
+        request = await parse_body(raw, DetokenizeRequest)
+        ingress.check_model(request.model)
+        check_token_ids(request.tokens, ingress.limits.vocab_size, "tokens")
+        text = ingress.tokenizer.decode(request.tokens)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+
+    return app
+
+
+def model_card(ingress: Ingress) -> ModelCard:
+    return ModelCard(id=ingress.model_name, max_model_len=ingress.limits.max_model_len)

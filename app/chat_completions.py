@@ -1,0 +1,147 @@
+"""POST /v1/chat/completions, streamed or whole."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import anyio
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from app.chat_output import ChoiceOutput
+from app.disconnect import ClientGone, unless_disconnected
+from app.errors import bad_request, to_api_error
+from app.fanout import Fanout, Job
+from app.ingress import Ingress
+from app.logprobs import chat_logprobs
+from app.metrics import GenerationTimer
+from app.params import chat_schema, per_choice, sampling_params
+from app.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    NamedToolChoice,
+    PromptTokensDetails,
+    Usage,
+)
+from app.streaming import DONE, ChatChunks, EventStream, event
+
+
+def usage_of(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:
+    completion = sum(c.completion_tokens for c in choices)
+    cached = min(c.cached_tokens for c in choices)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                 total_tokens=prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+async def create_chat_completion(ingress: Ingress, request: ChatCompletionRequest,
+                                 raw: Request) -> Response:
+    ingress.check_model(request.model)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+    tools_on = bool(request.tools) and request.tool_choice != "none"
+    forced = tools_on and (request.tool_choice == "required"
+                           or isinstance(request.tool_choice, NamedToolChoice))
+    schema = chat_schema(request)
+    prompt = ingress.template.render(
+        request.messages, request.tools if tools_on else None,
+        add_generation_prompt=request.add_generation_prompt,
+        continue_final_message=request.continue_final_message,
+        template_kwargs=request.chat_template_kwargs)
+    prompt_ids = ingress.template.encode(prompt)
+    max_tokens = request.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = request.max_tokens
+    top_n = request.top_logprobs or 0
+    params = sampling_params(request, prompt_len=len(prompt_ids), limits=ingress.limits,
+                             max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
+                             json_schema=schema, what="messages")
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    ingress.log_prompt(response_id, prompt)
+    jobs = [Job(i, prompt_ids, per_choice(params, i), f"{response_id}-{i}")
+            for i in range(request.n)]
+    choices = [ChoiceOutput(i, ingress.settings.reasoning_parser, tools_on, forced)
+               for i in range(request.n)]
+    timer = ingress.metrics.timer("chat", getattr(raw.state, "arrival", time.monotonic()))
+    fanout = Fanout(ingress.client, jobs)
+    try:  # the first outputs may wait behind a queue: leave if the client does
+        await unless_disconnected(raw, fanout.start())
+    except ClientGone:
+        await fanout.close()
+        raw.state.finish_reason = "abort"
+        return Response(status_code=499)
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        chunks = ChatChunks(response_id, int(time.time()), ingress.model_name)
+        body = stream_chat(ingress, raw, fanout, choices, chunks, len(prompt_ids), top_n,
+                           request.logprobs, include_usage, timer)
+        return EventStream(body, on_close=fanout.close)
+    try:
+        await unless_disconnected(raw, collect(fanout, choices, timer))
+    except ClientGone:
+        raw.state.finish_reason = "abort"
+        return Response(status_code=499)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await fanout.close()
+        timer.finish(len(prompt_ids), sum(c.completion_tokens for c in choices))
+    response = ChatCompletionResponse(
+        id=response_id, created=int(time.time()), model=ingress.model_name,
+        choices=[whole_choice(ingress, c, request.logprobs, top_n) for c in choices],
+        usage=usage_of(len(prompt_ids), choices))
+    raw.state.finish_reason = response.choices[0].finish_reason
+    return JSONResponse(response.model_dump())
+
+
+async def collect(fanout: Fanout, choices: list[ChoiceOutput], timer: GenerationTimer) -> None:
+    async for index, out in fanout.outputs():
+        timer.observe(index, out)
+        choices[index].record(out)
+
+
+def whole_choice(ingress: Ingress, choice: ChoiceOutput, logprobs: bool,
+                 top_n: int) -> ChatChoice:
+    reasoning, content, calls = choice.message_parts()
+    message = AssistantMessage(content=content, tool_calls=calls, reasoning_content=reasoning)
+    return ChatChoice(
+        index=choice.index, message=message,
+        logprobs=chat_logprobs(ingress.texts, choice.logprobs, top_n) if logprobs else None,
+        finish_reason=choice.openai_finish_reason(bool(calls)))
+
+
+async def stream_chat(ingress: Ingress, raw: Request, fanout: Fanout,
+                      choices: list[ChoiceOutput], chunks: ChatChunks, prompt_tokens: int,
+                      top_n: int, logprobs: bool, include_usage: bool,
+                      timer: GenerationTimer):
+    def unsent(choice: ChoiceOutput) -> ChatLogprobs | None:
+        entries = choice.take_logprobs()
+        return chat_logprobs(ingress.texts, entries, top_n) if logprobs and entries else None
+
+    raw.state.finish_reason = "abort"  # until the stream ends normally
+    try:
+        try:
+            for choice in choices:
+                yield chunks.role(choice.index)
+            async for index, out in fanout.outputs():
+                timer.observe(index, out)
+                choice = choices[index]
+                choice.record(out)
+                deltas = choice.feed(out.text) + (choice.flush() if out.finished else [])
+                for delta in deltas:
+                    yield chunks.delta(index, delta, unsent(choice))
+                if out.finished:
+                    yield chunks.finish(index, choice.streamed_finish_reason(), unsent(choice))
+            if include_usage:
+                yield chunks.usage(usage_of(prompt_tokens, choices))
+            raw.state.finish_reason = choices[0].streamed_finish_reason()
+        except Exception as e:
+            raw.state.finish_reason = "error"
+            yield event(to_api_error(e, ingress.settings.retry_after_s).body())
+        yield DONE
+    finally:
+        with anyio.CancelScope(shield=True):
+            await fanout.close()
+        timer.finish(prompt_tokens, sum(c.completion_tokens for c in choices))

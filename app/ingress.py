@@ -1,0 +1,66 @@
+"""What every endpoint needs: the engine client, tokenizer, chat template, limits, metrics."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from app.chat import ChatTemplate
+from app.errors import bad_request, model_not_found
+from app.logprobs import TokenTexts
+from app.metrics import Metrics
+from app.params import Limits
+from app.settings import Settings
+
+logger = logging.getLogger("pagoda.api")
+
+
+@dataclass
+class Ingress:
+    client: Any  # AsyncLLMEngine or anything with its generate/abort/stats/is_alive
+    settings: Settings
+    tokenizer: Any
+    template: ChatTemplate
+    texts: TokenTexts
+    metrics: Metrics
+    model_name: str
+    limits: Limits
+
+    @classmethod
+    def create(cls, client: Any, settings: Settings) -> Ingress:
+        config = client.config
+        tokenizer = client.tokenizer
+        name = settings.served_model_name or config.served_model_name
+        vocab_size = config.hf_config.get("vocab_size") or len(tokenizer)
+        stats = getattr(client, "stats", None)
+        return cls(
+            client=client, settings=settings, tokenizer=tokenizer,
+            template=ChatTemplate(tokenizer), texts=TokenTexts(tokenizer),
+            metrics=Metrics(name, stats if callable(stats) else None), model_name=name,
+            limits=Limits(config.max_model_len, vocab_size, settings.max_n),
+        )
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise model_not_found(name)
+
+    def log_prompt(self, request_id: str, prompt: Any) -> None:
+        if self.settings.log_prompts:
+            logger.info("request %s prompt: %r", request_id, prompt)
+
+
+async def parse_body(request: Request, model: type) -> Any:
+    """The JSON body validated as `model`; anything else is a 400."""
+    body = await request.body()
+    if not body:
+        raise bad_request("The request body is empty; send a JSON object.")
+    try:
+        data = json.loads(body)  # a JSONDecodeError is worded by app/errors.py
+    except UnicodeDecodeError as e:
+        raise bad_request(f"The request body is not UTF-8 JSON: {e.reason}.") from e
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return model.model_validate(data)

@@ -1,0 +1,137 @@
+"""Request fields to the engine's SamplingParams, with the checks only the ingress can make
+(context length, n, token ids, schemas), each failing as a 400 that names the parameter."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import jsonschema
+
+from app.errors import bad_request
+from app.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest, Tool
+from workers.errors import ContextLengthError
+from workers.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_model_len: int
+    vocab_size: int
+    max_n: int
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise bad_request(f"Token id {token_id} is out of range [0, {vocab_size}).", param)
+
+
+def check_context(prompt_len: int, max_tokens: int | None, limit: int, what: str) -> None:
+    if prompt_len >= limit:
+        raise ContextLengthError(
+            f"This model's maximum context length is {limit} tokens. However, your {what} "
+            f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.", what)
+    if max_tokens is not None and prompt_len + max_tokens > limit:
+        raise ContextLengthError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+            f"completion). Please reduce the length of the {what} or completion.", "max_tokens")
+
+
+def schema_of_response_format(response_format: ResponseFormat | None) -> dict | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {"type": "object"}
+    spec = response_format.json_schema
+    if spec is None or spec.json_schema is None:
+        raise bad_request("response_format of type json_schema needs json_schema.schema.",
+                          "response_format.json_schema")
+    return spec.json_schema
+
+
+def tool_call_schema(tools: list[Tool], name: str | None) -> dict:
+    """Schema of a Hermes payload calling `name`, or any of the tools when name is None."""
+    options = [{
+        "type": "object",
+        "properties": {"name": {"type": "string", "enum": [t.function.name]},
+                       "arguments": t.function.parameters or {"type": "object"}},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    } for t in tools if name is None or t.function.name == name]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def chat_schema(request: ChatCompletionRequest) -> dict | None:
+    """The constraint on a chat answer: a forced tool call, or the response format."""
+    choice = request.tool_choice
+    if choice is None or choice in ("none", "auto"):
+        return schema_of_response_format(request.response_format)
+    if not request.tools:
+        raise bad_request("tool_choice needs tools.", "tool_choice")
+    if request.response_format is not None and request.response_format.type != "text":
+        raise bad_request("response_format cannot be combined with a forced tool_choice.",
+                          "response_format")
+    name = None if choice == "required" else choice.function.name
+    if name is not None and name not in {t.function.name for t in request.tools}:
+        raise bad_request(f"tool_choice names {name!r}, which is not in tools.", "tool_choice")
+    return tool_call_schema(request.tools, name)
+
+
+def check_schema(schema: dict | None, param: str) -> None:
+    if schema is None:
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise bad_request(f"Invalid JSON schema: {e.message}", param) from e
+
+
+def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits,
+                    max_tokens: int | None, logprobs: int | None, json_schema: dict | None,
+                    what: str) -> SamplingParams:
+    """Parameters of choice 0; `per_choice` derives the others."""
+    if not 1 <= request.n <= limits.max_n:
+        raise bad_request(f"n must be between 1 and {limits.max_n}, got {request.n}.", "n")
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed when stream is true.",
+                          "stream_options")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}.",
+                          "logprobs")
+    bias: dict[int, float] = {}
+    for key, value in (request.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
+        bias[int(key)] = value
+    check_token_ids(list(bias), limits.vocab_size, "logit_bias")
+    check_token_ids(request.stop_token_ids or [], limits.vocab_size, "stop_token_ids")
+    check_schema(json_schema, "response_format")
+    params = SamplingParams(
+        n=request.n,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=-1 if request.top_k is None else request.top_k,
+        min_p=request.min_p or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if request.repetition_penalty is None
+        else request.repetition_penalty,
+        seed=request.seed,
+        max_tokens=max_tokens,
+        min_tokens=request.min_tokens,
+        stop=request.stop or [],
+        stop_token_ids=list(request.stop_token_ids or []),
+        ignore_eos=request.ignore_eos,
+        logprobs=logprobs,
+        logit_bias=bias,
+        skip_special_tokens=request.skip_special_tokens,
+        json_schema=json_schema,
+    )
+    check_context(prompt_len, max_tokens, limits.max_model_len, what)
+    return params
+
+
+def per_choice(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of an n-choice request: one engine call each, seeds apart."""
+    seed = None if params.seed is None else params.seed + index
+    return replace(params, n=1, seed=seed)

@@ -1,0 +1,54 @@
+"""The Serve application: the OpenAI API ingress in front of autoscaled model replicas.
+
+`serve run deploy/config.yaml` imports `build_app` with the config's `args:`; the graph is
+ingress -> ModelReplica, and the ingress's handle routes with PagodaRequestRouter.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
+
+from app.replica_client import ReplicaClient
+from app.serve_args import PagodaArgs
+from app.settings import Settings
+from workers.config import EngineConfig
+from workers.replica import ModelReplica
+from workers.request_router import PagodaRequestRouter
+
+
+@serve.deployment(name="PagodaIngress")
+@serve.ingress()
+class PagodaIngress:
+    """Tokenizes, applies the chat template and streams SSE; generation runs on replicas."""
+
+    def __init__(self, replica: DeploymentHandle, args: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        parsed = PagodaArgs.model_validate(args)
+        config = EngineConfig(**parsed.engine_kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.client = ReplicaClient(replica, config, tokenizer)
+        self.settings = dataclasses.replace(Settings.from_env(),
+                                            **parsed.api.model_dump(exclude_none=True))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from app.api import build_app as build_api
+
+        return build_api(self.client, self.settings)
+
+
+def build_app(args: PagodaArgs | dict[str, Any]) -> Application:
+    """Serve application builder (`import_path: app.serve_app:build_app`)."""
+    args = args if isinstance(args, PagodaArgs) else PagodaArgs.model_validate(args or {})
+    router = RequestRouterConfig(request_router_class=PagodaRequestRouter,
+                                 request_router_kwargs=args.router_kwargs())
+    replica = ModelReplica.options(
+        **args.replicas.deployment_options(), request_router_config=router,
+    ).bind(args.engine_kwargs(), args.replicas.report_interval_s)
+    return PagodaIngress.options(**args.ingress.deployment_options()).bind(
+        replica, args.model_dump(mode="json"))

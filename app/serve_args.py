@@ -1,0 +1,131 @@
+"""Typed arguments of the Serve application builder (`args:` in deploy/config*.yaml)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from workers.config import DEFAULT_MODEL
+from workers.routing_policy import RoutingPolicy
+
+
+class EngineArgs(BaseModel):
+    """EngineConfig knobs; None keeps the engine's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    device: str | None = None
+    attention_backend: Literal["auto", "torch", "triton", "flash"] | None = None
+    block_size: int | None = Field(None, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    kv_cache_memory_gb: float | None = Field(None, gt=0)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool | None = None
+    max_waiting_requests: int | None = Field(None, ge=1)
+    cuda_graphs: bool | None = None
+    seed: int | None = None
+
+
+class ReplicaArgs(BaseModel):
+    """The model-replica deployment: autoscaling, back-pressure and resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # continuous batching keeps many requests in flight per replica; scale out past this
+    target_ongoing_requests: float = Field(16, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(128, ge=-1)  # -1: unbounded; beyond it callers get 503
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
+    health_check_period_s: float = Field(5.0, gt=0)
+    report_interval_s: float = Field(0.25, gt=0)
+
+    @model_validator(mode="after")
+    def check_bounds(self) -> ReplicaArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and \
+                not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
+        if self.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError("target_ongoing_requests must not exceed max_ongoing_requests")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        actor_options: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor_options["num_gpus"] = self.num_gpus
+        if self.accelerator_type:
+            actor_options["accelerator_type"] = self.accelerator_type
+        autoscaling = {
+            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+        }
+        if self.initial_replicas is not None:
+            autoscaling["initial_replicas"] = self.initial_replicas
+        return {
+            "autoscaling_config": autoscaling,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": actor_options,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
+        }
+
+
+class IngressArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(512, ge=1)
+
+    def deployment_options(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_replicas, "max_ongoing_requests":
+                self.max_ongoing_requests, "ray_actor_options": {"num_cpus": self.num_cpus}}
+
+
+class ApiArgs(BaseModel):
+    """Settings overrides of the HTTP API; the API key only comes from PAGODA_API_KEY."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reasoning_parser: bool | None = None
+    max_n: int | None = Field(None, ge=1)
+    log_prompts: bool | None = None
+    retry_after_s: int | None = Field(None, ge=0)
+
+
+class PagodaArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = DEFAULT_MODEL  # an HF-format folder on every node that runs a deployment
+    served_model_name: str | None = None
+    engine: EngineArgs = EngineArgs()
+    replicas: ReplicaArgs = ReplicaArgs()
+    ingress: IngressArgs = IngressArgs()
+    routing: RoutingPolicy = RoutingPolicy()
+    api: ApiArgs = ApiArgs()
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """EngineConfig(**kwargs) of every replica."""
+        kwargs = self.engine.model_dump(exclude_none=True)
+        kwargs["model"] = self.model
+        if self.served_model_name:
+            kwargs["served_model_name"] = self.served_model_name
+        return kwargs
+
+    def router_kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.routing)

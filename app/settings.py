@@ -1,0 +1,39 @@
+"""Ingress settings; every environment variable of the API is read here, prefixed PAGODA_."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str | None = None  # None: no authentication
+    served_model_name: str | None = None  # None: the engine config's served_model_name
+    reasoning_parser: bool = False  # split <think>...</think> into reasoning_content
+    max_n: int = 16
+    log_prompts: bool = False  # prompt text in logs is opt-in
+    retry_after_s: int = 1  # Retry-After sent with 503 when the queue is full
+
+    def __post_init__(self) -> None:
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be at least 1, got {self.max_n}")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be non-negative, got {self.retry_after_s}")
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            api_key=os.environ.get("PAGODA_API_KEY") or None,
+            served_model_name=os.environ.get("PAGODA_SERVED_MODEL_NAME") or None,
+            reasoning_parser=_env_flag("PAGODA_REASONING_PARSER", False),
+            max_n=int(os.environ.get("PAGODA_MAX_N", "16")),
+            log_prompts=_env_flag("PAGODA_LOG_PROMPTS", False),
+            retry_after_s=int(os.environ.get("PAGODA_RETRY_AFTER_S", "1")),
+        )

@@ -1,0 +1,91 @@
+"""Server-sent events: `data: <json>\\n\\n` per chunk, `data: [DONE]` last, and the chunk
+builders that keep `id`, `created` and `model` equal on every chunk of a response."""
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+import anyio
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
+
+from app.protocol import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    Usage,
+)
+
+DONE = "data: [DONE]\n\n"
+MEDIA_TYPE = "text/event-stream"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def event(payload: BaseModel | dict) -> str:
+    if isinstance(payload, BaseModel):
+        return f"data: {payload.model_dump_json()}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends, even when the client left
+    before the first byte and the body was never iterated."""
+
+    def __init__(self, body: object, on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type=MEDIA_TYPE, headers=HEADERS)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.on_close()
+
+
+class ChatChunks:
+    def __init__(self, response_id: str, created: int, model: str) -> None:
+        self.response_id = response_id
+        self.created = created
+        self.model = model
+
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return event(ChatCompletionChunk(id=self.response_id, created=self.created,
+                                         model=self.model, choices=choices, usage=usage))
+
+    def role(self, index: int) -> str:
+        return self.delta(index, DeltaMessage(role="assistant", content=""))
+
+    def delta(self, index: int, delta: DeltaMessage, logprobs: ChatLogprobs | None = None) -> str:
+        return self.chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+
+    def finish(self, index: int, reason: str, logprobs: ChatLogprobs | None = None) -> str:
+        return self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), logprobs=logprobs,
+                                           finish_reason=reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self.chunk([], usage)
+
+
+class CompletionChunks:
+    def __init__(self, response_id: str, created: int, model: str) -> None:
+        self.response_id = response_id
+        self.created = created
+        self.model = model
+
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return event(CompletionResponse(id=self.response_id, created=self.created,
+                                        model=self.model, choices=choices, usage=usage))
+
+    def text(self, index: int, text: str, logprobs: CompletionLogprobs | None = None,
+             finish_reason: str | None = None) -> str:
+        return self.chunk([CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                            finish_reason=finish_reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self.chunk([], usage)
