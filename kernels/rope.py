@@ -1,0 +1,146 @@
+"""Rotary position embedding, neox style (rotate-half), and the cos/sin cache it reads.
+
+The cache row for position p is cat(cos(p * inv_freq), sin(p * inv_freq)), shape [head_dim].
+`build_rope_cache` applies the checkpoint's `rope_scaling` (llama3, linear, or none).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch import FLOAT_DTYPES, check_same_device, check_tensor, rows_per_program
+
+
+@triton.jit
+def _rotate_heads(x_ptr, out_ptr, token, t_mask, cos, sin, j, j_mask, stride_xt, stride_xh,
+                  stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                  HALF: tl.constexpr):
+    """Rotates all heads of TOKENS tokens: tiles [TOKENS, BLOCK_H, BLOCK_HALF]."""
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    mask = t_mask[:, None, None] & (h < HEADS) & j_mask[None, None, :]
+    x_row = x_ptr + token[:, None, None] * stride_xt + h * stride_xh + j[None, None, :]
+    x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    o_row = out_ptr + token[:, None, None] * stride_ot + h * stride_oh + j[None, None, :]
+    tl.store(o_row, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_row + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    positions_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr, num_tokens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_cs,
+    Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr,
+):
+    token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    t_mask = token < num_tokens
+    token = token.to(tl.int64)
+    # cos/sin are read once per token and shared by every q and k head
+    pos = tl.load(positions_ptr + token, mask=t_mask, other=0).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    j_mask = j < HALF
+    cs_mask = t_mask[:, None] & j_mask[None, :]
+    cs_row = cos_sin_ptr + pos[:, None] * stride_cs + j[None, :]
+    cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    sin = tl.load(cs_row + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    _rotate_heads(q_ptr, q_out_ptr, token, t_mask, cos, sin, j, j_mask, stride_qt, stride_qh,
+                  stride_qot, stride_qoh, Q_HEADS, BLOCK_QH, HALF)
+    _rotate_heads(k_ptr, k_out_ptr, token, t_mask, cos, sin, j, j_mask, stride_kt, stride_kh,
+                  stride_kot, stride_koh, K_HEADS, BLOCK_KH, HALF)
+
+
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+         cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [num_tokens] int; q: [num_tokens, heads, head_dim]; k: [num_tokens, kv_heads,
+    head_dim]; cos_sin_cache: [max_pos, head_dim]. Returns new rotated (q, k)."""
+    check_tensor("positions", positions, dims=1, dtypes=(torch.int64, torch.int32),
+                 contiguous=True)
+    check_tensor("q", q, dims=3, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, dims=3, dtypes=FLOAT_DTYPES)
+    check_tensor("cos_sin_cache", cos_sin_cache, dims=2, dtypes=FLOAT_DTYPES)
+    check_same_device(positions, q, k, cos_sin_cache)
+    num_tokens, num_q_heads, head_dim = q.shape
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or positions.shape[0] != num_tokens:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and positions "
+                         f"{tuple(positions.shape)} disagree")
+    if head_dim % 2 or cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(f"cos_sin_cache rows ({cos_sin_cache.shape[1]}) must equal the even "
+                         f"head_dim ({head_dim})")
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if num_tokens:
+        half = head_dim // 2
+        # one token per program on the GPU; the interpreter wants few programs
+        tokens = 1 if q.device.type == "cuda" else rows_per_program(num_tokens, head_dim, q.device)
+        _rope_kernel[(triton.cdiv(num_tokens, tokens),)](
+            positions, q, k, cos_sin_cache, q_out, k_out, num_tokens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            cos_sin_cache.stride(0),
+            Q_HEADS=num_q_heads, K_HEADS=k.shape[1], BLOCK_QH=triton.next_power_of_2(num_q_heads),
+            BLOCK_KH=triton.next_power_of_2(k.shape[1]), HALF=half,
+            BLOCK_HALF=triton.next_power_of_2(half), TOKENS=tokens, num_warps=4,
+        )
+    return q_out, k_out
+
+
+def rope_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+             cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in fp32, scaled as the checkpoint asks."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
+                              .float() / head_dim)
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(rope_scaling["factor"])
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, rope_scaling)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    try:
+        factor = float(scaling["factor"])
+        low = float(scaling["low_freq_factor"])
+        high = float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+    except KeyError as e:
+        raise ValueError(f"llama3 rope_scaling is missing {e.args[0]!r}") from None
+    if high <= low:
+        raise ValueError(f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, "
+                         f"got {high} and {low}")
+    # long wavelengths are slowed by `factor`, short ones kept, the band between blended
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def build_rope_cache(head_dim: int, max_pos: int, base: float, rope_scaling: dict | None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """cos_sin_cache [max_pos, head_dim] fp32: cat(cos, sin) of position * inv_freq."""
+    if head_dim % 2 or head_dim <= 0:
+        raise ValueError(f"head_dim must be positive and even, got {head_dim}")
+    if max_pos <= 0:
+        raise ValueError(f"max_pos must be positive, got {max_pos}")
+    inv_freq = rope_inv_freq(head_dim, base, rope_scaling, device)
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
