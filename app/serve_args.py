@@ -27,6 +27,7 @@ class EngineArgs(BaseModel):
     enable_prefix_caching: bool | None = None
     max_waiting_requests: int | None = Field(None, ge=1)
     cuda_graphs: bool | None = None
+    num_threads: int | None = Field(None, ge=1)
     seed: int | None = None
 
 

@@ -108,7 +108,8 @@ def main() -> None:
              f"preparation, detokenization, stop checks): {ours['outside_forward']:.1%}\n"
              f"- preemptions: {ours['preemptions']}\n")
     print(table + notes)
-    update_section(f"Engine ({args.device})", table + notes)
+    update_section(f"Engine ({args.device}, {os.path.basename(os.path.normpath(args.model))})",
+                   table + notes)
 
 
 if __name__ == "__main__":

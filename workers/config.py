@@ -25,6 +25,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 1024
     cuda_graphs: bool = True
+    num_threads: int | None = None  # CPU matmul threads; None: every core (Ray would give 1)
     seed: int = 0
     hf_config: dict = field(default_factory=dict, repr=False)
 

@@ -10,7 +10,6 @@ from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.detokenizer import Detokenizer
 from workers.errors import ContextLengthError, InvalidRequestError
-from workers.grammar import GrammarCompiler
 from workers.model_runner import ModelRunner
 from workers.outputs import RequestOutput
 from workers.sampler import Sampler
@@ -31,7 +30,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
-        self._grammar: GrammarCompiler | None = None
+        self._grammar = None  # GrammarCompiler, built on the first constrained request
         self.seqs: dict[str, Sequence] = {}
         self.last_step_time = 0.0  # seconds in the last model forward
         self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
@@ -43,8 +42,10 @@ class LLMEngine:
         return ids
 
     @property
-    def grammar_compiler(self) -> GrammarCompiler:
+    def grammar_compiler(self):
         if self._grammar is None:
+            from workers.grammar import GrammarCompiler  # xgrammar is only needed here
+
             self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size,
                                             sorted(self.eos_token_ids))
         return self._grammar

@@ -1,12 +1,14 @@
 """Owns the model and its KV cache; runs one flattened mixed batch per step."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 
 from workers.attention import AttentionMetadata, get_backend
 from workers.config import EngineConfig
+from workers.cuda_graph import CudaGraphRunner, GraphShape
 from workers.loader import load_weights
 from workers.model import CausalLM, ModelConfig
 from workers.scheduler import ScheduledBatch
@@ -27,6 +29,9 @@ class ModelRunner:
         self.dtype = DTYPES.get(config.dtype) or (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model_config = ModelConfig.from_hf(config.hf_config)
+        if self.device.type == "cpu":
+            # Ray sets OMP_NUM_THREADS=1 in actors with fractional CPUs; the engine wants the cores
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         self.backend = get_backend(config.attention_backend, self.device)
         torch.manual_seed(config.seed)
         with torch.device(self.device):
@@ -37,6 +42,11 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
         self.kv_caches = self._allocate_kv()
         self.last_prepare_time = 0.0  # seconds spent flattening the last batch
+        self.graphs = CudaGraphRunner(
+            self.model, self.kv_caches,
+            GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.max_model_len),
+            self.device, enabled=config.cuda_graphs and self.backend.name != "torch")
+        self.graphs.capture()
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -97,7 +107,10 @@ class ModelRunner:
         start = time.perf_counter()
         input_ids, positions, meta, rows = self.prepare(batch)
         self.last_prepare_time = time.perf_counter() - start
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not rows:
             return None
         return self.model.compute_logits(hidden[rows])
