@@ -7,6 +7,7 @@ a static left-padded batch of 32.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -78,6 +79,13 @@ def bench_hf(model: str, prompts, max_tokens: int, batch: int, device: str) -> d
     return {"tok_s": tokens / elapsed, "elapsed": elapsed, "tokens": tokens}
 
 
+def random_note(model: str) -> str:
+    with open(os.path.join(model, "config.json")) as f:
+        like = json.load(f).get("pagoda_random_like")
+    return (f"Random weights with the layer shapes of {like} (`bench/random_model.py`); with EOS "
+            "ignored, speed does not depend on weight values.\n") if like else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
@@ -103,7 +111,7 @@ def main() -> None:
     table = markdown_table(["system", "requests", "output tok/s", "Pagoda speed-up"], rows)
     notes = (f"\n\n{args.requests} requests, prompts of 16-512 tokens, {args.max_tokens} output "
              f"tokens each (EOS ignored), greedy, model `{os.path.basename(args.model)}` on "
-             f"{args.device}.\n\n- KV cache: {ours['kv_bytes_per_token']} bytes per token\n"
+             f"{args.device}.\n{random_note(args.model)}\n- KV cache: {ours['kv_bytes_per_token']} bytes per token\n"
              f"- share of engine step time outside the model forward (scheduling, batch "
              f"preparation, detokenization, stop checks): {ours['outside_forward']:.1%}\n"
              f"- preemptions: {ours['preemptions']}\n")

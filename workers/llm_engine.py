@@ -114,7 +114,9 @@ class LLMEngine:
         forward_end = time.perf_counter()
         sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
                     if s.num_computed_tokens + n == s.num_tokens]
-        sampled = self.sampler(logits, sampling) if sampling else None
+        sampled = self.sampler(logits.sample, sampling) if sampling else None
+        for i, prompt_logits in logits.prompt.items():
+            self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
@@ -152,6 +154,14 @@ class LLMEngine:
             self.seqs.pop(seq.request_id, None)
         return self._output(seq, [token], [logprob] if logprob is not None else [], finish)
 
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        begin = seq.num_computed_tokens  # not yet advanced for this step
+        targets = seq.prompt_token_ids[begin + 1:begin + 1 + logits.shape[0]]
+        if begin == 0:  # (re)starting the prompt, also after a preemption
+            seq.prompt_logprobs = [None]  # the first token has no context to be predicted from
+        seq.prompt_logprobs += self.sampler.token_logprobs(logits, targets,
+                                                           seq.params.prompt_logprobs)
+
     def _output(self, seq: Sequence, tokens: list[int], logprobs: list,
                 finish: str | None) -> RequestOutput:
         return RequestOutput(
@@ -164,7 +174,17 @@ class LLMEngine:
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_output_tokens,
             cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=self._take_prompt_logprobs(seq),
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list | None:
+        """Prompt logprobs ride on a request's first output only."""
+        if seq.params.prompt_logprobs is None or seq.num_output_tokens > 1 or \
+                seq.prompt_logprobs is None:
+            return None
+        taken, seq.prompt_logprobs = seq.prompt_logprobs, []
+        return taken or None
 
     def stats(self) -> dict:
         bm = self.block_manager

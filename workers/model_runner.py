@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -12,6 +13,12 @@ from workers.cuda_graph import CudaGraphRunner, GraphShape
 from workers.loader import load_weights
 from workers.model import CausalLM, ModelConfig
 from workers.scheduler import ScheduledBatch
+
+@dataclass
+class StepLogits:
+    sample: torch.Tensor | None  # [sampling seqs, vocab], in batch order
+    prompt: dict[int, torch.Tensor]  # batch index -> logits of its prompt rows this step
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,13 +71,14 @@ class ModelRunner:
                 for _ in range(c.num_layers)]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor,
-                                                      AttentionMetadata, list[int]]:
-        """Flatten the batch; returns input ids, positions, metadata and the rows to sample."""
+                                                      AttentionMetadata, list[int], list]:
+        """Flatten the batch: input ids, positions, metadata, rows to sample, prompt-logprob rows."""
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts, seq_lens, sample_rows = [0], [], []
+        prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             begin = seq.num_computed_tokens
             input_ids += seq.token_ids[begin:begin + n]
@@ -82,6 +90,10 @@ class ModelRunner:
             seq_lens.append(begin + n)
             if begin + n == seq.num_tokens:
                 sample_rows.append(starts[-1] - 1)
+            if seq.params.prompt_logprobs is not None and begin < seq.num_prompt_tokens - 1:
+                # row j predicts the token at position begin + j + 1
+                count = min(n, seq.num_prompt_tokens - 1 - begin)
+                prompt_rows.append((len(starts) - 2, starts[-2], count))
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
 
@@ -99,18 +111,19 @@ class ModelRunner:
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
         )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_rows
+        return (tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_rows,
+                prompt_rows)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor | None:
-        """Run the batch; returns logits of the sequences that sample this step, in order."""
+    def execute(self, batch: ScheduledBatch) -> StepLogits:
+        """Run the batch; logits of the sequences that sample, and of prompt-logprob rows."""
         start = time.perf_counter()
-        input_ids, positions, meta, rows = self.prepare(batch)
+        input_ids, positions, meta, rows, prompt_rows = self.prepare(batch)
         self.last_prepare_time = time.perf_counter() - start
         if self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not rows:
-            return None
-        return self.model.compute_logits(hidden[rows])
+        prompt = {i: self.model.compute_logits(hidden[first:first + count])
+                  for i, first, count in prompt_rows}
+        return StepLogits(self.model.compute_logits(hidden[rows]) if rows else None, prompt)

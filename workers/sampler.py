@@ -120,6 +120,12 @@ class Sampler:
             logits = logits.masked_fill(probs < threshold, -float("inf"))
         return logits
 
+    def token_logprobs(self, logits: torch.Tensor, targets: list[int],
+                       top_n: int) -> list[TokenLogprob]:
+        """Logprobs of given tokens (row i scored against targets[i]) with top_n alternatives."""
+        raw = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+        return self._logprobs(raw, targets, [top_n] * len(targets))
+
     def _logprobs(self, raw: torch.Tensor | None, tokens: list[int],
                   want: list[int | None]) -> list[TokenLogprob | None]:
         if raw is None:

@@ -67,7 +67,9 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            cached = self.block_manager.find_cached_prefix(seq)
+            # prompt logprobs need every prompt position computed: no prefix reuse
+            cached = [] if seq.params.prompt_logprobs is not None else \
+                self.block_manager.find_cached_prefix(seq)
             num_cached = len(cached) * self.block_manager.block_size
             n = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.allocate(seq, n, cached):

@@ -35,6 +35,7 @@ class Sequence:
     generator: Any = None  # torch.Generator for seeded sampling
     grammar: Any = None  # workers.grammar.Grammar when decoding is constrained
     detokenizer: Any = None  # workers.detokenizer.Detokenizer
+    prompt_logprobs: list | None = None  # filled during prefill when params ask for them
     _hashes: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

@@ -60,7 +60,7 @@ def test_logits_close_to_hf(llm, hf):
     for i, p in enumerate(ids):
         engine.add_request(f"logits-{i}", p, SamplingParams(max_tokens=2))
     batch = engine.scheduler.schedule()
-    logits = engine.runner.execute(batch)
+    logits = engine.runner.execute(batch).sample
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         seq.num_computed_tokens += n
     with torch.no_grad():
@@ -179,6 +179,25 @@ def test_logprobs_are_model_logprobs(llm):
     for token, lp, top in out.logprobs:
         assert len(top) == 5 and top[0][0] == token and top[0][1] == pytest.approx(lp)
         assert all(a[1] >= b[1] for a, b in zip(top, top[1:])) and lp <= 0
+
+
+def test_prompt_logprobs_match_hf_across_prefill_chunks(model_dir, hf):
+    chunked = LLM(EngineConfig(model=model_dir, max_model_len=1024, num_kv_blocks=64,
+                               max_num_batched_tokens=16, max_num_seqs=4))
+    prompt = chunked.tokenizer.encode(PROMPTS[2])
+    assert len(prompt) > 16  # the prompt is computed in several chunks
+    out = chunked.engine
+    out.add_request("p", prompt, SamplingParams(max_tokens=2, prompt_logprobs=2))
+    firsts = []
+    while out.has_unfinished():
+        firsts += [o.prompt_logprobs for o in out.step() if o.prompt_logprobs is not None]
+    assert len(firsts) == 1 and len(firsts[0]) == len(prompt) and firsts[0][0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    for pos, (token, lp, top) in enumerate(firsts[0][1:], start=1):
+        assert token == prompt[pos]
+        assert lp == pytest.approx(ref[pos - 1, token].item(), abs=1e-3)
+        assert [t for t, _ in top] == ref[pos - 1].topk(2).indices.tolist()
 
 
 def test_bad_input_raises_typed_errors_and_leaves_engine_clean(llm):

@@ -44,7 +44,7 @@ def test_logits_match_hf_through_prefill_and_decode(tmp_path, name):
         sched.add(s)
     for step in range(3):  # one mixed prefill, then two batched decode steps
         batch = sched.schedule()
-        logits = runner.execute(batch)
+        logits = runner.execute(batch).sample
         with torch.no_grad():
             for row, s in enumerate(batch.seqs):
                 ref = hf(torch.tensor([s.token_ids])).logits[0, -1]
