@@ -27,6 +27,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     num_threads: int | None = None  # CPU matmul threads; None: every core (Ray would give 1)
     seed: int = 0
+    # testing aid, off by default: a prompt containing this text raises inside the engine step
+    fault_marker: str | None = None
     hf_config: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -45,6 +47,9 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
         limit = self.hf_config.get("max_position_embeddings", 2048)
+        window = self.hf_config.get("sliding_window")
+        if window and self.hf_config.get("use_sliding_window", True):
+            limit = min(limit, window)  # full attention equals sliding-window attention up to it
         if self.max_model_len is None:
             self.max_model_len = limit
         if not 0 < self.max_model_len <= limit:

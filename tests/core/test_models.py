@@ -25,8 +25,13 @@ CASES = {
 }
 
 
+# On a GPU the Triton backend with CUDA-graph decode is checked too (CI has only the CPU).
+BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_logits_match_hf_through_prefill_and_decode(tmp_path, name):
+def test_logits_match_hf_through_prefill_and_decode(tmp_path, name, backend):
     torch.manual_seed(0)
     hf = CASES[name]().eval()
     if name == "qwen2":  # random biases so the q/k/v bias path is really exercised
@@ -35,7 +40,9 @@ def test_logits_match_hf_through_prefill_and_decode(tmp_path, name):
                 torch.nn.init.normal_(proj.bias, std=0.5)
     hf.save_pretrained(tmp_path)
     runner = ModelRunner(EngineConfig(model=str(tmp_path), num_kv_blocks=32, block_size=4,
-                                      max_num_batched_tokens=64, max_num_seqs=4))
+                                      max_num_batched_tokens=64, max_num_seqs=4,
+                                      dtype="float32", attention_backend=backend))
+    hf = hf.to(runner.device)
     bm = BlockManager(runner.num_blocks, 4)
     sched = Scheduler(bm, 4, 64)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (11, 5, 17)]
@@ -47,7 +54,7 @@ def test_logits_match_hf_through_prefill_and_decode(tmp_path, name):
         logits = runner.execute(batch).sample
         with torch.no_grad():
             for row, s in enumerate(batch.seqs):
-                ref = hf(torch.tensor([s.token_ids])).logits[0, -1]
+                ref = hf(torch.tensor([s.token_ids], device=runner.device)).logits[0, -1]
                 torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4)
         for s, n in zip(batch.seqs, batch.num_new_tokens):
             s.num_computed_tokens += n
