@@ -61,6 +61,8 @@ async def parse_body(request: Request, model: type) -> Any:
         data = json.loads(body)  # a JSONDecodeError is worded by app/errors.py
     except UnicodeDecodeError as e:
         raise bad_request(f"The request body is not UTF-8 JSON: {e.reason}.") from e
+    except RecursionError as e:  # the parser recurses once per level of nesting
+        raise bad_request("The request body is nested too deeply.") from e
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
     return model.model_validate(data)

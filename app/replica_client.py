@@ -8,11 +8,14 @@ request in that replica's engine. Ray and Serve failures become our typed engine
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve import context as serve_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from workers.config import EngineConfig
@@ -48,7 +51,7 @@ class ReplicaClient:
         response = None
         final: RequestOutput | None = None
         try:
-            response = self.handle.remote(prompt_token_ids, params, request_id, time.time())
+            response = self.call(prompt_token_ids, params, request_id, time.time())
             self.in_flight[request_id] = response
             async for out in response:
                 final = out if out.finished else None
@@ -64,6 +67,21 @@ class ReplicaClient:
             if final is None and response is not None:  # stopped early: free the KV blocks now
                 with contextlib.suppress(Exception):
                     response.cancel()
+
+    def call(self, *args: Any) -> Any:
+        """`handle.remote(*args)` under a request context with its own internal request id.
+
+        Serve gives every call made while serving one HTTP request the proxy's internal id,
+        and its request router matches assignments by that id: the choices of an n>1 request,
+        routed at the same time, would leave all but one waiting forever.
+        """
+        context = serve_context._get_serve_request_context()
+        token = serve_context._serve_request_context.set(
+            dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
+        try:
+            return self.handle.remote(*args)
+        finally:
+            serve_context._serve_request_context.reset(token)
 
     async def abort(self, request_id: str) -> None:
         response = self.in_flight.pop(request_id, None)

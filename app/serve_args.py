@@ -29,6 +29,7 @@ class EngineArgs(BaseModel):
     cuda_graphs: bool | None = None
     num_threads: int | None = Field(None, ge=1)
     seed: int | None = None
+    fault_marker: str | None = None  # testing aid; see workers/fault_injection.py
 
 
 class ReplicaArgs(BaseModel):

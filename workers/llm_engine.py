@@ -10,6 +10,7 @@ from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.detokenizer import Detokenizer
 from workers.errors import ContextLengthError, InvalidRequestError
+from workers.fault_injection import FaultInjector
 from workers.model_runner import ModelRunner
 from workers.outputs import RequestOutput
 from workers.sampler import Sampler
@@ -32,6 +33,7 @@ class LLMEngine:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
         self._grammar = None  # GrammarCompiler, built on the first constrained request
         self.seqs: dict[str, Sequence] = {}
+        self.faults = FaultInjector(config.fault_marker, self.tokenizer)
         self.last_step_time = 0.0  # seconds in the last model forward
         self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
 
@@ -85,9 +87,11 @@ class LLMEngine:
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
         self.seqs[request_id] = seq
+        self.faults.watch(request_id, seq.prompt_token_ids)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        self.faults.forget(request_id)
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
@@ -102,6 +106,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.faults.check([s.request_id for s in batch.seqs])
         # decodes first, shortest context first: attention backends batch them in slices
         order = sorted(range(len(batch)), key=lambda i: (batch.num_new_tokens[i] > 1,
                                                          batch.seqs[i].num_computed_tokens))

@@ -111,10 +111,14 @@ class PagodaRequestRouter(RequestRouter):
                               pending_request: PendingRequest | None = None,
                               ) -> list[list[RunningReplica]]:
         self.ensure_refresher()
+        if pending_request is not None:
+            # every candidate is offered at once: when all are full, Serve must sleep before
+            # asking again instead of re-probing the replicas in a tight loop
+            pending_request.routing_context.should_backoff = True
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if not by_id:
             return []
-        if not self.snapshot_fresh():
+        if self.policy.mode == "power_of_two" or not self.snapshot_fresh():
             return [[by_id[rid] for rid in power_of_two(list(by_id))]]
         tokens = prompt_token_ids_of(pending_request)
         ranked = rank_replicas(list(by_id), self.current_views(),

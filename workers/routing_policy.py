@@ -8,9 +8,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+ROUTING_MODES = ("prefix_affinity", "least_loaded", "power_of_two")
+
 
 @dataclass(frozen=True)
 class RoutingPolicy:
+    # prefix_affinity: longest cached prefix, then least loaded; least_loaded: ignore prefixes;
+    # power_of_two: Serve's default (two random replicas, the shorter queue wins)
+    mode: str = "prefix_affinity"
     kv_weight: float = 4.0  # a full KV cache weighs like this many queued requests
     overload_margin: float = 8.0  # prefix owner skipped when this much busier than the idlest
     min_prefix_blocks: int = 1  # shorter cached prefixes are not worth a detour
@@ -18,6 +23,8 @@ class RoutingPolicy:
     refresh_interval_s: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.mode not in ROUTING_MODES:
+            raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {self.mode!r}")
         if self.kv_weight < 0 or self.overload_margin < 0:
             raise ValueError("kv_weight and overload_margin must be non-negative")
         if self.min_prefix_blocks < 1:
@@ -67,7 +74,7 @@ def rank_replicas(candidates: list[str], views: dict[str, ReplicaView],
     views = {c: views.get(c, ReplicaView()) for c in shuffled}
     loads = {c: load_of(views[c], policy) for c in shuffled}
     by_load = sorted(shuffled, key=loads.__getitem__)
-    if prompt_hashes:
+    if prompt_hashes and policy.mode == "prefix_affinity":
         matches = {c: cached_prefix_blocks(prompt_hashes, views[c].cached_hashes)
                    for c in shuffled}
         owner = max(by_load, key=matches.__getitem__)  # ties go to the less loaded

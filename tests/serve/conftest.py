@@ -6,12 +6,14 @@ owns the Ray cluster (so it can kill replicas and the tracker) and always shuts 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,13 +95,18 @@ def wait_until_ready(app: ServeApp) -> None:
 def serve_app(request, tmp_path_factory):
     if not (MODEL / "config.json").exists():
         pytest.skip("the default model is missing; run `make model`")
+    with launch_serve_app(request.module.serve_config(), tmp_path_factory.mktemp("serve")) as app:
+        yield app
+
+
+@contextlib.contextmanager
+def launch_serve_app(config: dict, tmp: Path) -> Iterator[ServeApp]:
+    """Starts a local Ray cluster and `serve run` of config on a free loopback port."""
     import ray
 
-    config = request.module.serve_config()
     port = free_port()
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1",
                               "port": port}
-    tmp = tmp_path_factory.mktemp("serve")
     config_path = tmp / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp / "serve.log"

@@ -1,0 +1,63 @@
+"""The service every reliability test shares: its config and the checks of a settled state."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.serve.conftest import ServeApp
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVED = "smollm2-135m-instruct"
+FAULT_MARKER = "PAGODA-INJECT-FAULT-7f3a"  # a prompt containing it raises inside the engine
+NUM_REPLICAS = 2
+MAX_ONGOING = 40  # per replica: 64 streams fit on two replicas with room to spare
+MAX_N = 4
+SETTLE_TIMEOUT_S = 30
+
+
+def reliability_config() -> dict:
+    """deploy/config.yaml with two pinned replicas and the engine's fault marker set."""
+    config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args["engine"].update(num_threads=1, max_num_seqs=32, fault_marker=FAULT_MARKER)
+    args["replicas"].update(
+        min_replicas=NUM_REPLICAS, max_replicas=NUM_REPLICAS, initial_replicas=NUM_REPLICAS,
+        target_ongoing_requests=16, max_ongoing_requests=MAX_ONGOING, max_queued_requests=64,
+        graceful_shutdown_timeout_s=5, health_check_period_s=2)
+    args["api"] = {"max_n": MAX_N}
+    config["logging_config"]["log_level"] = "WARNING"
+    return config
+
+
+def deployment_healthy() -> bool:
+    from ray import serve
+
+    status = serve.status().applications.get("pagoda")
+    if status is None or status.status != "RUNNING":
+        return False
+    replica = status.deployments["ModelReplica"]
+    return replica.status == "HEALTHY" and \
+        replica.replica_states.get("RUNNING", 0) == NUM_REPLICAS
+
+
+def wait_settled(app: ServeApp, timeout_s: float = SETTLE_TIMEOUT_S) -> dict:
+    """Replica loads once both replicas are up, healthy and idle; fails after timeout_s.
+
+    Idle means nothing running or waiting and kv_usage == 0: every KV block back on the free
+    list (prefix-cached blocks count as free, they are reusable at once).
+    """
+    deadline = time.monotonic() + timeout_s
+    loads: dict = {}
+    while time.monotonic() < deadline:
+        snap = app.snapshot()
+        loads = dict(snap.loads) if snap else {}
+        idle = len(loads) == NUM_REPLICAS and all(
+            load.num_running == 0 and load.num_waiting == 0 and load.kv_usage == 0.0
+            for load in loads.values())
+        if idle and deployment_healthy():
+            return loads
+        assert app.process.poll() is None, app.log_tail()
+        time.sleep(0.5)
+    raise AssertionError(f"service did not settle in {timeout_s}s: {loads}")

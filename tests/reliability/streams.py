@@ -1,0 +1,92 @@
+"""Streaming clients for the reliability tests: read an SSE response with a deadline, and
+classify how it ended (completed, error event, HTTP error)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import httpx
+
+from tests.api.api_helpers import DONE, check_chat_stream
+
+from .service import SERVED
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@dataclass
+class StreamResult:
+    status: int
+    events: list[dict | str] = field(default_factory=list)
+    error: dict | None = None  # the OpenAI error object, from the body or an error event
+
+    @property
+    def done(self) -> bool:
+        return bool(self.events) and self.events[-1] == DONE
+
+    @property
+    def completed(self) -> bool:
+        return self.status == 200 and self.done and self.error is None
+
+
+def chat_body(content: str, max_tokens: int, **extra) -> dict:
+    return {"model": SERVED, "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens, "stream": True, **extra}
+
+
+def check_error(error: object) -> dict:
+    """An error as OpenAI shapes it: message, type, param and code."""
+    assert isinstance(error, dict) and set(error) == ERROR_KEYS, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] in ("invalid_request_error", "server_error"), error
+    return error
+
+
+async def read_stream(http: httpx.AsyncClient, body: dict, timeout_s: float,
+                      path: str = "/v1/chat/completions") -> StreamResult:
+    """The whole SSE response; raises TimeoutError if it does not end within timeout_s."""
+    async with asyncio.timeout(timeout_s), http.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            payload = json.loads(await r.aread())
+            return StreamResult(r.status_code, error=check_error(payload.get("error")))
+        result = StreamResult(200)
+        async for line in r.aiter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: "), line
+            payload = line[len("data: "):]
+            if payload == DONE:
+                result.events.append(DONE)
+                continue
+            assert not result.done, "an event after [DONE]"
+            data = json.loads(payload)
+            if "error" in data:
+                assert result.error is None, "two error events"
+                result.error = check_error(data["error"])
+            result.events.append(data)
+        return result
+
+
+def check_completed_chat(result: StreamResult, max_tokens: int, ignore_eos: bool,
+                         n: int = 1) -> int:
+    """Asserts the full chat stream contract; returns the completion token count."""
+    assert result.completed, (result.status, result.error, result.events[-2:])
+    choices, usage = check_chat_stream(result.events, n=n, include_usage=True)
+    assert all(choice.finish_reason in ("stop", "length") for choice in choices)
+    tokens = usage["completion_tokens"]
+    assert n <= tokens <= n * max_tokens
+    if ignore_eos:
+        assert tokens == n * max_tokens
+        assert all(choice.finish_reason == "length" for choice in choices)
+    return tokens
+
+
+def check_ended_cleanly(result: StreamResult) -> None:
+    """Either completed, or an OpenAI error (HTTP error, or error event and then [DONE])."""
+    if result.status != 200:
+        assert result.error is not None
+        return
+    assert result.done, "stream ended without [DONE]"
+    if result.error is not None:
+        assert result.events[-2] == {"error": result.error}, "the error event is not last"

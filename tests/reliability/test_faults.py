@@ -1,0 +1,138 @@
+"""Faults under load: a request that raises inside the engine, the LoadTracker killed, a model
+replica killed. Streams are running each time; every one must end (none hang), either complete
+or with an OpenAI-shaped error, and the service must serve normally afterwards."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from .service import FAULT_MARKER, NUM_REPLICAS
+from .streams import (
+    StreamResult,
+    chat_body,
+    check_completed_chat,
+    check_ended_cleanly,
+    check_error,
+    read_stream,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+STREAM_TIMEOUT_S = 120  # no stream may take longer to end, whatever happens to its replica
+REPLACEMENT_TIMEOUT_S = 240
+
+
+async def stream_all(base_url: str, bodies: list[dict], during=None) -> list[StreamResult]:
+    """Runs every streaming body at once; `during(http)` runs while they stream."""
+    limits = httpx.Limits(max_connections=len(bodies) + 16)
+    async with httpx.AsyncClient(base_url=base_url, timeout=STREAM_TIMEOUT_S,
+                                 limits=limits) as http:
+        streams = asyncio.gather(*(read_stream(http, b, STREAM_TIMEOUT_S) for b in bodies))
+        if during is not None:
+            await during(http)
+        return await streams
+
+
+def long_bodies(count: int, max_tokens: int) -> list[dict]:
+    return [chat_body(f"Stream {i}: list the planets one by one.", max_tokens, temperature=0,
+                      ignore_eos=True, stream_options={"include_usage": True})
+            for i in range(count)]
+
+
+def wait_running_on(service, count: int, timeout_s: float = 60) -> dict:
+    """Loads once `count` replicas each run a request."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        loads = service.snapshot().loads
+        if sum(1 for load in loads.values() if load.num_running) >= count:
+            return loads
+        time.sleep(0.2)
+    raise AssertionError(f"the load did not reach {count} replicas: {loads}")
+
+
+def serves_normally(base_url: str, count: int = 8) -> None:
+    results = asyncio.run(stream_all(base_url, long_bodies(count, 8)))
+    for result in results:
+        check_completed_chat(result, 8, ignore_eos=True)
+
+
+def test_request_raising_inside_the_engine_fails_in_openai_shape(service):
+    """The marked request makes an engine step raise; the replica survives (not restarted)."""
+    faulty = {"model": "smollm2-135m-instruct", "max_tokens": 8,
+              "messages": [{"role": "user", "content": f"Please {FAULT_MARKER} now."}]}
+    answers: list[httpx.Response] = []
+
+    async def send_faults(http: httpx.AsyncClient) -> None:
+        await asyncio.to_thread(wait_running_on, service, NUM_REPLICAS)
+        for stream in (False, True, False):
+            answers.append(await http.post("/v1/chat/completions",
+                                           json={**faulty, "stream": stream}))
+
+    results = asyncio.run(stream_all(service.base_url, long_bodies(16, 48), send_faults))
+    for answer in answers:  # the step fails before the first token: an HTTP error
+        assert answer.status_code in (500, 503), answer.text
+        assert check_error(answer.json()["error"])["type"] == "server_error"
+    for result in results:
+        check_ended_cleanly(result)
+    # the faulty step fails the requests batched with it; the other replica's streams finish
+    completed = [r for r in results if r.completed]
+    failed = [r for r in results if r.error is not None]
+    print(f"\nengine fault: {len(answers)} faulty requests answered "
+          f"{sorted({a.status_code for a in answers})}; of 16 streams beside them "
+          f"{len(completed)} completed, {len(failed)} ended with an error event")
+    assert len(completed) + len(failed) == len(results)
+    for result in completed:
+        check_completed_chat(result, 48, ignore_eos=True)
+    serves_normally(service.base_url)
+
+
+def test_killing_the_tracker_under_load_loses_no_request(service):
+    import ray
+
+    from workers.load_tracker import find_tracker
+
+    async def kill_tracker(http: httpx.AsyncClient) -> None:
+        await asyncio.to_thread(wait_running_on, service, 1)
+        ray.kill(find_tracker(), no_restart=True)
+
+    results = asyncio.run(stream_all(service.base_url, long_bodies(24, 40), kill_tracker))
+    for result in results:  # routing falls back to power of two: nothing fails
+        check_completed_chat(result, 40, ignore_eos=True)
+    # replicas create a new tracker and report again; `settled` waits for both
+    print(f"\ntracker kill: {len(results)} streams, all completed")
+
+
+@pytest.mark.kills_replica
+def test_killing_a_replica_under_load_ends_its_streams_and_service_recovers(service):
+    import ray
+
+    victim: list[str] = []
+
+    async def kill_busiest(http: httpx.AsyncClient) -> None:
+        loads = await asyncio.to_thread(wait_running_on, service, NUM_REPLICAS)
+        victim.append(max(loads, key=lambda rid: loads[rid].num_running))
+        ray.kill(service.replica_actor(victim[0]), no_restart=True)
+
+    results = asyncio.run(stream_all(service.base_url, long_bodies(16, 64), kill_busiest))
+    for result in results:
+        check_ended_cleanly(result)
+    completed = [r for r in results if r.completed]
+    failed = [r for r in results if r.error is not None]
+    print(f"\nreplica kill: of {len(results)} streams {len(completed)} completed on the "
+          f"survivor, {len(failed)} ended with an error event")
+    assert failed, "no stream was on the killed replica"
+    for result in completed:
+        check_completed_chat(result, 64, ignore_eos=True)
+    for result in failed:
+        assert result.error["type"] == "server_error"
+    serves_normally(service.base_url)  # the surviving replica serves while Serve replaces
+    deadline = time.monotonic() + REPLACEMENT_TIMEOUT_S
+    ids = service.replica_ids()
+    while time.monotonic() < deadline and (len(ids) != NUM_REPLICAS or victim[0] in ids):
+        time.sleep(1)
+        ids = service.replica_ids()
+    assert len(ids) == NUM_REPLICAS and victim[0] not in ids, ids
+    serves_normally(service.base_url)
