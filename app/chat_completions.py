@@ -9,7 +9,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from app.chat_output import ChoiceOutput
-from app.disconnect import ClientGone, unless_disconnected
+from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
 from app.errors import bad_request, to_api_error
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
@@ -67,11 +67,7 @@ async def create_chat_completion(ingress: Ingress, request: ChatCompletionReques
                for i in range(request.n)]
     timer = ingress.metrics.timer("chat", getattr(raw.state, "arrival", time.monotonic()))
     fanout = Fanout(ingress.client, jobs)
-    try:  # the first outputs may wait behind a queue: leave if the client does
-        await unless_disconnected(raw, fanout.start())
-    except ClientGone:
-        await fanout.close()
-        raw.state.finish_reason = "abort"
+    if not await start_unless_disconnected(raw, fanout):
         return Response(status_code=499)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)

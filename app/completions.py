@@ -9,7 +9,7 @@ import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
-from app.disconnect import ClientGone, unless_disconnected
+from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
 from app.errors import bad_request, to_api_error
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
@@ -129,11 +129,7 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
     timer = ingress.metrics.timer("completions", getattr(raw.state, "arrival", time.monotonic()))
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     fanout = Fanout(ingress.client, jobs)
-    try:  # the first outputs may wait behind a queue: leave if the client does
-        await unless_disconnected(raw, fanout.start())
-    except ClientGone:
-        await fanout.close()
-        raw.state.finish_reason = "abort"
+    if not await start_unless_disconnected(raw, fanout):
         return Response(status_code=499)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)

@@ -36,3 +36,15 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if not task.done() or task.cancelled():
         raise ClientGone()
     return task.result()
+
+
+async def start_unless_disconnected(request: Request, fanout) -> bool:
+    """Wait for a Fanout's first outputs; False (fanout closed, request marked aborted) if the
+    client left first, since those outputs may wait behind a queue."""
+    try:
+        await unless_disconnected(request, fanout.start())
+    except ClientGone:
+        await fanout.close()
+        request.state.finish_reason = "abort"
+        return False
+    return True
