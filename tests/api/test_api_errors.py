@@ -5,7 +5,7 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import MAX_MODEL_LEN, MAX_N, LiveServer, serve
+from live_server import MAX_MODEL_LEN, MAX_N, LiveServer, serve
 
 pytestmark = pytest.mark.slow
 

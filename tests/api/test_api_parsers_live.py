@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 from api_helpers import check_chat_stream, post_stream
-from conftest import serve
+from live_server import serve
 
 pytestmark = pytest.mark.slow
 

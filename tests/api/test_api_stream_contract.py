@@ -141,7 +141,7 @@ def test_completions_stream(http):
 def test_error_mid_stream_is_an_event_then_done(engine):
     """A replica dying mid-stream (injected after the real engine's first output) ends the
     stream with an error event and [DONE], and the request's blocks are freed."""
-    from conftest import LiveServer
+    from live_server import LiveServer
 
     from app.api import build_app
     from app.settings import Settings
