@@ -65,9 +65,9 @@ class ToolParser:
                 self.calls[-1].payload += piece.text
                 deltas += self.advance(self.calls[-1])
             else:
-                deltas += self.close(self.calls[-1])
+                deltas += self.close(self.calls[-1], tagged=True)
         if final and self.calls and not self.calls[-1].closed:
-            deltas += self.close(self.calls[-1])
+            deltas += self.close(self.calls[-1], tagged=False)
         return deltas
 
     def advance(self, call: CallState) -> list[DeltaMessage]:
@@ -91,7 +91,8 @@ class ToolParser:
             deltas.append(self.send(call, fragment))
         return deltas
 
-    def close(self, call: CallState) -> list[DeltaMessage]:
+    def close(self, call: CallState, tagged: bool) -> list[DeltaMessage]:
+        """End a call, at its closing tag or (tagged=False) at the end of the output."""
         call.closed = True
         deltas = self.advance(call)
         scan = scan_payload(call.payload)
@@ -104,7 +105,8 @@ class ToolParser:
         if call.name is None:
             # not a tool call after all: give the text back
             self.calls.pop()
-            deltas.append(DeltaMessage(content=f"{TOOL_OPEN}{call.payload}{TOOL_CLOSE}"))
+            closing = TOOL_CLOSE if tagged else ""
+            deltas.append(DeltaMessage(content=f"{TOOL_OPEN}{call.payload}{closing}"))
         return deltas
 
     def send(self, call: CallState, fragment: str) -> DeltaMessage:
