@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from app.json_scan import scan_payload
@@ -102,6 +102,7 @@ def test_streaming_matches_whole_text_for_any_split(cuts):
 @settings(max_examples=100, deadline=None)
 @given(st.text(alphabet="<>/_toolcaxyz {}\"", max_size=60),
        st.lists(st.integers(min_value=0, max_value=60), max_size=10))
+@example(text="<tool_call>", cuts=[])  # an unclosed call at the end of the output
 def test_text_without_a_complete_call_survives_streaming(text, cuts):
     cuts = [c for c in cuts if c <= len(text)]
     content, calls = assemble(stream(text, cuts))
