@@ -93,27 +93,36 @@ class TorchBackend:
         return out
 
     def _decode_group(self, q, k_cache, v_cache, block_tables, seq_lens, max_len, scale):
-        k = self._gather(k_cache, block_tables, max_len).transpose(1, 2)  # [B, Hkv, L, D]
-        v = self._gather(v_cache, block_tables, max_len).transpose(1, 2)
-        mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
-                                           scale=scale, enable_gqa=True)
-        return o.squeeze(2)
+        # One query row per head: SDPA's kernels are slow at that shape on CPU, two bmm per KV
+        # head over the gathered context are 1.5x faster.
+        k = self._gather(k_cache, block_tables, max_len)  # [B, L, Hkv, D]
+        v = self._gather(v_cache, block_tables, max_len)
+        b, _, kv_heads, dim = k.shape
+        q = q.view(b, kv_heads, -1, dim)  # [B, Hkv, group, D]
+        padding = torch.arange(max_len, device=q.device)[None, None, :] >= seq_lens[:, None, None]
+        out = torch.empty_like(q)
+        for h in range(kv_heads):
+            scores = torch.bmm(q[:, h], k[:, :, h].transpose(1, 2)).float().mul_(scale)
+            probs = scores.masked_fill_(padding, float("-inf")).softmax(-1).to(v.dtype)
+            out[:, h] = torch.bmm(probs, v[:, :, h])
+        return out.view(b, -1, dim)
 
     def _prefill(self, q, k_cache, v_cache, block_table, seq_len, scale):
-        n = q.shape[0]
+        n, heads, _ = q.shape
         k = self._gather(k_cache, block_table, seq_len).transpose(0, 1)  # [Hkv, L, D]
         v = self._gather(v_cache, block_table, seq_len).transpose(0, 1)
-        q = q.transpose(0, 1)
+        # 4-D inputs with every query head's K/V materialized take SDPA's flash path on CPU;
+        # 3-D or enable_gqa inputs fall back to the 3x slower math path.
+        k = k.repeat_interleave(heads // k.shape[0], dim=0)[None]
+        v = v.repeat_interleave(heads // v.shape[0], dim=0)[None]
+        q = q.transpose(0, 1)[None]
         if n == seq_len:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                               enable_gqa=True)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
             pos = torch.arange(seq_len - n, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                               enable_gqa=True)
-        return o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return o[0].transpose(0, 1)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +141,7 @@ class TorchBackend:
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

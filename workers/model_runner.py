@@ -12,6 +12,7 @@ from workers.config import EngineConfig
 from workers.cuda_graph import CudaGraphRunner, GraphShape
 from workers.loader import load_weights
 from workers.model import CausalLM, ModelConfig
+from workers.packed_linear import PackedLinear, pack_linears, packing_supported
 from workers.scheduler import ScheduledBatch
 
 @dataclass
@@ -46,6 +47,10 @@ class ModelRunner:
         load_weights(model, config.model)
         self.model = model.to(self.dtype).eval()
         self.model.rope_cache = self.model.rope_cache.float()
+        if packing_supported(self.device, self.dtype):
+            pack_linears(self.model)
+            if self.model.lm_head is None:  # tied embeddings: pack a copy for the logits
+                self.model.lm_head = PackedLinear(self.model.embed_tokens.weight)
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
         self.kv_caches = self._allocate_kv()
         self.last_prepare_time = 0.0  # seconds spent flattening the last batch
@@ -118,6 +123,10 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         """Run the batch; logits of the sequences that sample, and of prompt-logprob rows."""
         start = time.perf_counter()
+        if self.device.type == "cpu":
+            # Denormal floats make x86 matmuls up to 2x slower; the flag is per thread and the
+            # step loop may run on any thread, so set it every step (a register write).
+            torch.set_flush_denormal(True)
         input_ids, positions, meta, rows, prompt_rows = self.prepare(batch)
         self.last_prepare_time = time.perf_counter() - start
         if self.graphs.can_run(meta):
