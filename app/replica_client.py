@@ -32,8 +32,8 @@ def engine_error_of(exc: BaseException) -> BaseException:
         return QueueFullError("every model replica's queue is full; try again shortly.")
     if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
         return EngineDeadError(f"the model replica serving this request failed: {exc}")
-    if isinstance(exc, RayTaskError):
-        return EngineDeadError(f"the model replica failed: {exc.cause!r}")
+    if isinstance(exc, RayTaskError):  # raised by this request inside a live replica: a 500
+        return exc.cause if isinstance(exc.cause, Exception) else RuntimeError(str(exc))
     return exc
 
 

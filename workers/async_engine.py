@@ -65,12 +65,20 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
         self._send(("add", request_id, list(prompt_token_ids), params))
         finished = False
+        error: BaseException | None = None  # drained behind outputs; raised after them
         try:
             while True:
-                item = await stream.queue.get()
+                item = error or await stream.queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                # a consumer that fell behind gets every waiting delta as one
+                while not item.finished and not stream.queue.empty():
+                    later = stream.queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        error = later
+                        break
+                    item = item.merge(later)
                 finished = item.finished
                 yield item
                 if finished:
@@ -139,14 +147,16 @@ class AsyncLLMEngine:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # One bad step must not kill the replica: fail the requests in it, keep serving.
-            log.exception("engine step failed; aborting its requests")
+            # Scheduling or bookkeeping broke, not one request: fail them all, keep serving.
+            log.exception("engine step failed; aborting every request")
             for seq in self.engine.abort_all():
                 self._deliver_error(seq.request_id, e)
             return
         self.step_count += 1
         for out in outputs:
             self._deliver(out)
+        for request_id, error in self.engine.failed:
+            self._deliver_error(request_id, error)
         # a snapshot copies every cached block hash: fresh enough at 20 Hz, not every step
         if time.monotonic() - self._stats_time >= STATS_INTERVAL_S:
             self._stats = self.engine.stats()

@@ -1,8 +1,8 @@
 """Opt-in fault injection for reliability tests: a marked request makes an engine step raise.
 
 Off unless `EngineConfig.fault_marker` is set. A request whose prompt text contains the marker
-raises `InjectedFault` from the first step that schedules it, as a model or kernel bug would;
-the async engine then fails the step's requests and keeps serving.
+raises `InjectedFault` from every step that schedules it, as a request that trips a model or
+kernel bug would; the engine isolates it, fails it alone and keeps serving the others.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class FaultInjector:
     def __init__(self, marker: str | None, tokenizer: Any) -> None:
         self.marker = marker or None
         self.tokenizer = tokenizer
-        self.marked: set[str] = set()  # request ids that raise once scheduled
+        self.marked: set[str] = set()  # request ids that raise whenever scheduled
 
     def watch(self, request_id: str, prompt_token_ids: list[int]) -> None:
         if self.marker and self.marker in self.tokenizer.decode(prompt_token_ids):
@@ -27,10 +27,9 @@ class FaultInjector:
         self.marked.discard(request_id)
 
     def check(self, request_ids: list[str]) -> None:
-        """Raise if a marked request is in the batch about to run; each raises once."""
+        """Raise if a marked request is in the batch about to run."""
         if not self.marked:
             return
         hit = next((r for r in request_ids if r in self.marked), None)
         if hit is not None:
-            self.marked.discard(hit)
             raise InjectedFault(f"fault injected by request {hit!r} (fault_marker is set)")

@@ -40,7 +40,12 @@ class LLM:
             results[request_id] = Completion(request_id, ids)
             order.append(request_id)
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            outputs = self.engine.step()
+            if self.engine.failed:  # offline, one failed request fails the call
+                for request_id in order:
+                    self.engine.abort(request_id)
+                raise self.engine.failed[0][1]
+            for out in outputs:
                 done = results[out.request_id]
                 done.text += out.text
                 done.token_ids += out.token_ids

@@ -1,6 +1,7 @@
 """The synchronous engine: add_request, step (schedule -> run -> sample -> postprocess), abort."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -15,8 +16,10 @@ from workers.model_runner import ModelRunner
 from workers.outputs import RequestOutput
 from workers.sampler import Sampler
 from workers.sampling_params import SamplingParams
-from workers.scheduler import Scheduler
+from workers.scheduler import ScheduledBatch, Scheduler
 from workers.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger("pagoda.engine")
 
 
 class LLMEngine:
@@ -34,6 +37,7 @@ class LLMEngine:
         self._grammar = None  # GrammarCompiler, built on the first constrained request
         self.seqs: dict[str, Sequence] = {}
         self.faults = FaultInjector(config.fault_marker, self.tokenizer)
+        self.failed: list[tuple[str, Exception]] = []  # (request id, error) of the last step
         self.last_step_time = 0.0  # seconds in the last model forward
         self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
 
@@ -102,35 +106,55 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        """One engine step. Requests whose step raised are in `failed` afterwards, not returned."""
         start = time.perf_counter()
+        self.failed = []
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        self.faults.check([s.request_id for s in batch.seqs])
         # decodes first, shortest context first: attention backends batch them in slices
         order = sorted(range(len(batch)), key=lambda i: (batch.num_new_tokens[i] > 1,
                                                          batch.seqs[i].num_computed_tokens))
         batch.seqs = [batch.seqs[i] for i in order]
         batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
-        forward_start = time.perf_counter()
-        logits = self.runner.execute(batch)
-        if self.runner.device.type == "cuda":
-            torch.cuda.synchronize()  # free: sampling syncs right after anyway; keeps timing honest
-        forward_end = time.perf_counter()
-        sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
-                    if s.num_computed_tokens + n == s.num_tokens]
-        sampled = self.sampler(logits.sample, sampling) if sampling else None
+        self.last_step_time = 0.0
+        outputs = self._run(batch)
+        self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
+        return outputs
+
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Run a batch; if it raises, run each half alone, so a request that breaks every step
+        it is in fails by itself. Nothing is committed before the forward and sampling succeed,
+        and a rerun rewrites the same KV slots."""
+        try:
+            self.faults.check([s.request_id for s in batch.seqs])
+            forward_start = time.perf_counter()
+            logits = self.runner.execute(batch)
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize()  # free: sampling syncs right after; keeps timing honest
+            self.last_step_time += (time.perf_counter() - forward_start
+                                    - self.runner.last_prepare_time)
+            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
+                        if s.num_computed_tokens + n == s.num_tokens]
+            sampled = self.sampler(logits.sample, sampling) if sampling else None
+        except Exception as e:
+            if len(batch) > 1:
+                first, second = batch.split()
+                return self._run(first) + self._run(second)
+            seq = batch.seqs[0]
+            log.exception("request %s failed inside an engine step", seq.request_id)
+            self.faults.forget(seq.request_id)
+            self.scheduler.finish(seq, "error")
+            self.seqs.pop(seq.request_id, None)
+            self.failed.append((seq.request_id, e))
+            return []
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
-        outputs = []
-        for i, seq in enumerate(sampling):
-            outputs.append(self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i]))
-        self.last_step_time = forward_end - forward_start - self.runner.last_prepare_time
-        self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
-        return outputs
+        return [self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i])
+                for i, seq in enumerate(sampling)]
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         seq.token_ids.append(token)
@@ -157,6 +181,7 @@ class LLMEngine:
             seq.stop_reason = stop_reason
             self.scheduler.finish(seq, finish)
             self.seqs.pop(seq.request_id, None)
+            self.faults.forget(seq.request_id)
         return self._output(seq, [token], [logprob] if logprob is not None else [], finish)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:

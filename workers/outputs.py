@@ -29,3 +29,15 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        """This delta followed by `later`, as one delta of the same request."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
+        return RequestOutput(
+            request_id=self.request_id, text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids, logprobs=logprobs,
+            finish_reason=later.finish_reason, stop_reason=later.stop_reason,
+            prompt_tokens=later.prompt_tokens, completion_tokens=later.completion_tokens,
+            cached_tokens=later.cached_tokens,
+            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)

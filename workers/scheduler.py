@@ -27,6 +27,11 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def split(self) -> tuple[ScheduledBatch, ScheduledBatch]:
+        half = len(self.seqs) // 2
+        return (ScheduledBatch(self.seqs[:half], self.num_new_tokens[:half]),
+                ScheduledBatch(self.seqs[half:], self.num_new_tokens[half:]))
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,

@@ -45,6 +45,21 @@ async def test_stream_matches_offline_engine(engine):
     assert "".join(o.text for o in outs) == engine.tokenizer.decode(tokens)
 
 
+async def test_slow_consumer_gets_waiting_deltas_merged(engine):
+    ids = engine.tokenizer.encode("Count slowly:")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    fast = await collect(engine, ids, params, "fast")
+    slow = []
+    async for out in engine.generate(ids, params, "slow"):
+        slow.append(out)
+        await asyncio.sleep(0.3)  # several engine steps land while this consumer sleeps
+    assert len(slow) < len(fast) == 16
+    assert [t for o in slow for t in o.token_ids] == [t for o in fast for t in o.token_ids]
+    assert "".join(o.text for o in slow) == "".join(o.text for o in fast)
+    assert [e[0] for o in slow for e in o.logprobs] == [t for o in slow for t in o.token_ids]
+    assert slow[-1].finish_reason == "length" and slow[-1].completion_tokens == 16
+
+
 async def test_consumer_leaving_aborts_and_frees_blocks(engine):
     ids = engine.tokenizer.encode("Tell me a long story about a dragon.")
     gen = engine.generate(ids, SamplingParams(max_tokens=200, ignore_eos=True), "leaver")
