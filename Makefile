@@ -30,7 +30,7 @@ test: model
 
 bench: model
 	$(PY) bench/engine.py
-	$(PY) bench/kernels.py
+	$(PY) bench/kernel_bench.py
 	$(PY) bench/serve.py
 
 lint: install

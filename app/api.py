@@ -17,6 +17,7 @@ from app.completions import create_completion
 from app.errors import APIError, install_error_handlers
 from app.ingress import Ingress, parse_body
 from app.middleware import RequestContext
+from app.openapi import openapi_document
 from app.params import check_token_ids
 from app.protocol import (
     ChatCompletionRequest,
@@ -67,6 +68,12 @@ def build_app(client: Any, settings: Settings | None = None) -> FastAPI:
             raise APIError(503, "The engine is not running.", type="server_error",
                            code="engine_dead")
         return Response(status_code=200)
+
+    document = openapi_document()
+
+    @app.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(document)
 
     @app.get("/metrics")
     async def metrics() -> Response:

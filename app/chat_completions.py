@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from app.chat_output import ChoiceOutput
 from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
-from app.errors import bad_request, to_api_error
+from app.errors import bad_request
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.logprobs import chat_logprobs
@@ -23,18 +23,15 @@ from app.protocol import (
     ChatCompletionResponse,
     ChatLogprobs,
     NamedToolChoice,
-    PromptTokensDetails,
     Usage,
 )
-from app.streaming import DONE, ChatChunks, EventStream, event
+from app.streaming import ChatChunks, EventStream, sse_body
 
 
 def usage_of(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:
     completion = sum(c.completion_tokens for c in choices)
     cached = min(c.cached_tokens for c in choices)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                 total_tokens=prompt_tokens + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    return Usage.of(prompt_tokens, completion, cached)
 
 
 async def create_chat_completion(ingress: Ingress, request: ChatCompletionRequest,
@@ -72,8 +69,11 @@ async def create_chat_completion(ingress: Ingress, request: ChatCompletionReques
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         chunks = ChatChunks(response_id, int(time.time()), ingress.model_name)
-        body = stream_chat(ingress, raw, fanout, choices, chunks, len(prompt_ids), top_n,
-                           request.logprobs, include_usage, timer)
+        events = chat_events(ingress, raw, fanout, choices, chunks, len(prompt_ids), top_n,
+                             request.logprobs, include_usage, timer)
+        body = sse_body(events, raw, fanout.close, ingress.settings.retry_after_s,
+                        lambda: timer.finish(len(prompt_ids),
+                                             sum(c.completion_tokens for c in choices)))
         return EventStream(body, on_close=fanout.close)
     try:
         await unless_disconnected(raw, collect(fanout, choices, timer))
@@ -108,7 +108,7 @@ def whole_choice(ingress: Ingress, choice: ChoiceOutput, logprobs: bool,
         finish_reason=choice.openai_finish_reason(bool(calls)))
 
 
-async def stream_chat(ingress: Ingress, raw: Request, fanout: Fanout,
+async def chat_events(ingress: Ingress, raw: Request, fanout: Fanout,
                       choices: list[ChoiceOutput], chunks: ChatChunks, prompt_tokens: int,
                       top_n: int, logprobs: bool, include_usage: bool,
                       timer: GenerationTimer):
@@ -116,28 +116,17 @@ async def stream_chat(ingress: Ingress, raw: Request, fanout: Fanout,
         entries = choice.take_logprobs()
         return chat_logprobs(ingress.texts, entries, top_n) if logprobs and entries else None
 
-    raw.state.finish_reason = "abort"  # until the stream ends normally
-    try:
-        try:
-            for choice in choices:
-                yield chunks.role(choice.index)
-            async for index, out in fanout.outputs():
-                timer.observe(index, out)
-                choice = choices[index]
-                choice.record(out)
-                deltas = choice.feed(out.text) + (choice.flush() if out.finished else [])
-                for delta in deltas:
-                    yield chunks.delta(index, delta, unsent(choice))
-                if out.finished:
-                    yield chunks.finish(index, choice.streamed_finish_reason(), unsent(choice))
-            if include_usage:
-                yield chunks.usage(usage_of(prompt_tokens, choices))
-            raw.state.finish_reason = choices[0].streamed_finish_reason()
-        except Exception as e:
-            raw.state.finish_reason = "error"
-            yield event(to_api_error(e, ingress.settings.retry_after_s).body())
-        yield DONE
-    finally:
-        with anyio.CancelScope(shield=True):
-            await fanout.close()
-        timer.finish(prompt_tokens, sum(c.completion_tokens for c in choices))
+    for choice in choices:
+        yield chunks.role(choice.index)
+    async for index, out in fanout.outputs():
+        timer.observe(index, out)
+        choice = choices[index]
+        choice.record(out)
+        deltas = choice.feed(out.text) + (choice.flush() if out.finished else [])
+        for delta in deltas:
+            yield chunks.delta(index, delta, unsent(choice))
+        if out.finished:
+            yield chunks.finish(index, choice.streamed_finish_reason(), unsent(choice))
+    if include_usage:
+        yield chunks.usage(usage_of(prompt_tokens, choices))
+    raw.state.finish_reason = choices[0].streamed_finish_reason()

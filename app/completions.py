@@ -10,7 +10,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
-from app.errors import bad_request, to_api_error
+from app.errors import bad_request
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.logprobs import completion_logprobs, merge_completion_logprobs
@@ -21,10 +21,9 @@ from app.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    PromptTokensDetails,
     Usage,
 )
-from app.streaming import DONE, CompletionChunks, EventStream, event
+from app.streaming import CompletionChunks, EventStream, sse_body
 from workers.outputs import RequestOutput
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -96,9 +95,7 @@ def usage_of(prompts: list[Prompt], outputs: list[CompletionOutput]) -> Usage:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion = sum(o.completion_tokens for o in outputs)
     cached = sum(min(o.cached_tokens for o in outputs if o.prompt is p) for p in prompts)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                 total_tokens=prompt_tokens + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    return Usage.of(prompt_tokens, completion, cached)
 
 
 async def create_completion(ingress: Ingress, request: CompletionRequest,
@@ -134,8 +131,11 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         chunks = CompletionChunks(response_id, int(time.time()), ingress.model_name)
-        body = stream_completion(ingress, raw, fanout, prompts, outputs, chunks, include_usage,
-                                 timer)
+        events = completion_events(ingress, raw, fanout, outputs, chunks, prompts, include_usage,
+                                   timer)
+        body = sse_body(events, raw, fanout.close, ingress.settings.retry_after_s,
+                        lambda: timer.finish(prompt_tokens,
+                                             sum(o.completion_tokens for o in outputs)))
         return EventStream(body, on_close=fanout.close)
     try:
         await unless_disconnected(raw, collect(ingress, fanout, outputs, timer))
@@ -164,30 +164,17 @@ async def collect(ingress: Ingress, fanout: Fanout, outputs: list[CompletionOutp
         outputs[index].record(ingress.texts, out)
 
 
-async def stream_completion(ingress: Ingress, raw: Request, fanout: Fanout,
-                            prompts: list[Prompt], outputs: list[CompletionOutput],
-                            chunks: CompletionChunks, include_usage: bool,
-                            timer: GenerationTimer):
-    raw.state.finish_reason = "abort"  # until the stream ends normally
-    try:
-        try:
-            async for index, out in fanout.outputs():
-                timer.observe(index, out)
-                output = outputs[index]
-                text, logprobs = output.record(ingress.texts, out)
-                if text or logprobs is not None:
-                    yield chunks.text(index, text, logprobs)
-                if out.finished:
-                    yield chunks.text(index, "", None, output.finish_reason)
-            if include_usage:
-                yield chunks.usage(usage_of(prompts, outputs))
-            raw.state.finish_reason = outputs[0].finish_reason or "abort"
-        except Exception as e:
-            raw.state.finish_reason = "error"
-            yield event(to_api_error(e, ingress.settings.retry_after_s).body())
-        yield DONE
-    finally:
-        with anyio.CancelScope(shield=True):
-            await fanout.close()
-        timer.finish(sum(len(p.token_ids) for p in prompts),
-                     sum(o.completion_tokens for o in outputs))
+async def completion_events(ingress: Ingress, raw: Request, fanout: Fanout,
+                            outputs: list[CompletionOutput], chunks: CompletionChunks,
+                            prompts: list[Prompt], include_usage: bool, timer: GenerationTimer):
+    async for index, out in fanout.outputs():
+        timer.observe(index, out)
+        output = outputs[index]
+        text, logprobs = output.record(ingress.texts, out)
+        if text or logprobs is not None:
+            yield chunks.text(index, text, logprobs)
+        if out.finished:
+            yield chunks.text(index, "", None, output.finish_reason)
+    if include_usage:
+        yield chunks.usage(usage_of(prompts, outputs))
+    raw.state.finish_reason = outputs[0].finish_reason or "abort"

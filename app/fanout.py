@@ -54,7 +54,7 @@ class Fanout:
         try:
             async for out in stream:
                 self.queue.put_nowait((index, out))
-        except Exception as e:  # raised mid-stream; the consumer turns it into an error event
+        except Exception as e:  # noqa: BLE001 - the consumer turns it into an error event
             self.queue.put_nowait((index, e))
         self.queue.put_nowait((index, None))
 

@@ -40,7 +40,7 @@ class EngineStatsCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             stats = self.stats()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a scrape must not fail on a stats hiccup
             return
         if inspect.iscoroutine(stats):
             stats.close()  # a remote client; replicas export their own metrics

@@ -17,7 +17,7 @@ from app.settings import Settings
 
 logger = logging.getLogger("pagoda.api")
 
-OPEN_PATHS = {"/health", "/metrics"}
+OPEN_PATHS = {"/health", "/metrics", "/openapi.json"}
 ENDPOINTS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",

@@ -2,14 +2,17 @@
 builders that keep `id`, `created` and `model` equal on every chunk of a response."""
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from app.errors import to_api_error
 from app.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -30,6 +33,28 @@ def event(payload: BaseModel | dict) -> str:
     if isinstance(payload, BaseModel):
         return f"data: {payload.model_dump_json()}\n\n"
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def sse_body(events: AsyncIterator[str], raw: Request,
+                   close: Callable[[], Awaitable[None]], retry_after_s: float,
+                   on_end: Callable[[], None]) -> AsyncIterator[str]:
+    """The frame of every stream: its events, then `[DONE]`; an error once streaming has begun
+    goes out as an error event before `[DONE]`. The engine streams are closed and `on_end` runs
+    however the stream ends, a client that left included."""
+    raw.state.finish_reason = "abort"  # until the events end normally
+    try:
+        try:
+            async with contextlib.aclosing(events):
+                async for item in events:
+                    yield item
+        except Exception as e:  # noqa: BLE001 - after the stream started, any error is an event
+            raw.state.finish_reason = "error"
+            yield event(to_api_error(e, retry_after_s).body())
+        yield DONE
+    finally:
+        with anyio.CancelScope(shield=True):
+            await close()
+        on_end()
 
 
 class EventStream(StreamingResponse):

@@ -1,4 +1,4 @@
-"""Cases measured by bench/kernels.py: each returns markdown table rows."""
+"""Cases measured by bench/kernel_bench.py: each returns markdown table rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass

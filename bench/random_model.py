@@ -13,10 +13,12 @@ import torch
 
 SHAPES = {
     # Llama-3.2-1B and Llama-3.1-8B layer shapes; the vocabulary follows the tokenizer
-    "llama-1b": dict(pagoda_random_like="Llama-3.2-1B", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8),
-    "llama-8b": dict(pagoda_random_like="Llama-3.1-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8),
+    "llama-1b": {"pagoda_random_like": "Llama-3.2-1B", "hidden_size": 2048,
+                 "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                 "num_key_value_heads": 8},
+    "llama-8b": {"pagoda_random_like": "Llama-3.1-8B", "hidden_size": 4096,
+                 "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 8},
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")

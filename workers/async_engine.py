@@ -136,7 +136,7 @@ class AsyncLLMEngine:
             if kind == "add":
                 try:
                     self.engine.add_request(request_id, command[2], command[3])
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - the caller gets it, the loop lives on
                     self._deliver_error(request_id, e)
             elif kind == "abort":
                 out = self.engine.abort(request_id)

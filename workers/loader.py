@@ -51,7 +51,7 @@ def load_weights(model: CausalLM, folder: str) -> None:
     loaded = set()
     for path in checkpoint_files(folder):
         with safe_open(path, framework="pt") as f:
-            for hf_name in f.keys():
+            for hf_name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 if "rotary_emb" in hf_name:
                     continue
                 name, shard = target(hf_name)

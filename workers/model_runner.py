@@ -15,6 +15,7 @@ from workers.model import CausalLM, ModelConfig
 from workers.packed_linear import PackedLinear, pack_linears, packing_supported
 from workers.scheduler import ScheduledBatch
 
+
 @dataclass
 class StepLogits:
     sample: torch.Tensor | None  # [sampling seqs, vocab], in batch order

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.openapi import openapi_document
+
 pytestmark = pytest.mark.slow
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -30,6 +32,17 @@ def test_tokenize_round_trip_and_chat_prompt_count(http, engine):
 def test_health(http):
     response = http.get("/health")
     assert response.status_code == 200
+
+
+def test_openapi_document_is_served_and_lists_every_endpoint(http):
+    document = http.get("/openapi.json").json()
+    assert document == openapi_document()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
+                 "/detokenize"):
+        assert path in document["paths"], path
+    body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith(
+        "ChatCompletionRequest")
 
 
 def test_request_id_is_echoed_or_made(http):

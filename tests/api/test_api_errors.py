@@ -142,6 +142,7 @@ def test_api_key(engine):
                                headers=wrong), 401)
             assert http.get("/health").status_code == 200
             assert http.get("/metrics").status_code == 200
+            assert http.get("/openapi.json").status_code == 200
             good = {"Authorization": "Bearer sk-test"}
             assert http.get("/v1/models", headers=good).status_code == 200
     finally:

@@ -23,7 +23,7 @@ def test_models(client, model_name):
 
 
 def test_chat_whole_and_streamed_agree(client, model_name):
-    kwargs = dict(model=model_name, messages=MESSAGES, max_tokens=10, temperature=0)
+    kwargs = {"model": model_name, "messages": MESSAGES, "max_tokens": 10, "temperature": 0}
     whole = client.chat.completions.create(**kwargs)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
@@ -44,8 +44,8 @@ def test_stream_helper(client, model_name):
 
 
 def test_max_completion_tokens_and_seed(client, model_name):
-    kwargs = dict(model=model_name, messages=MESSAGES, max_completion_tokens=5, seed=3,
-                  temperature=1.0, extra_body={"ignore_eos": True})
+    kwargs = {"model": model_name, "messages": MESSAGES, "max_completion_tokens": 5, "seed": 3,
+              "temperature": 1.0, "extra_body": {"ignore_eos": True}}
     first = client.chat.completions.create(**kwargs)
     second = client.chat.completions.create(**kwargs)
     assert first.usage.completion_tokens == 5 and first.choices[0].finish_reason == "length"

@@ -1,6 +1,8 @@
 """The engine on the real SmolLM2 weights, checked against HF transformers."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,8 +17,8 @@ pytestmark = pytest.mark.slow
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
-    "Once upon a time, in a land far away, there lived a young girl who loved to read books "
-    "about dragons, castles and the stars. One evening she",
+    ("Once upon a time, in a land far away, there lived a young girl who loved to read books "
+     "about dragons, castles and the stars. One evening she"),
     "1, 2, 3,",
     "Water boils at",
 ]
@@ -178,7 +180,7 @@ def test_logprobs_are_model_logprobs(llm):
     assert len(out.logprobs) == 3
     for token, lp, top in out.logprobs:
         assert len(top) == 5 and top[0][0] == token and top[0][1] == pytest.approx(lp)
-        assert all(a[1] >= b[1] for a, b in zip(top, top[1:])) and lp <= 0
+        assert all(a[1] >= b[1] for a, b in pairwise(top)) and lp <= 0
 
 
 def test_prompt_logprobs_match_hf_across_prefill_chunks(model_dir, hf):

@@ -26,7 +26,7 @@ def run_step(sched: Scheduler, next_token: int = 7):
 
 
 def test_chunked_prefill_respects_token_budget_and_mixes_with_decodes():
-    bm, sched = make(budget=16)
+    _, sched = make(budget=16)
     a = Sequence("a", list(range(10)), SamplingParams())
     sched.add(a)
     b1 = run_step(sched)

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from serve_helpers import skip_to_first_content
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -90,9 +91,7 @@ def test_client_disconnect_aborts_the_request_on_its_replica(serve_app):
     with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
-        for line in lines:
-            if line.startswith("data: {") and '"content"' in line:
-                break
+        skip_to_first_content(lines)
         assert running_requests(serve_app) == 1
     # 1500 tokens take far longer than this on a CPU: only an abort frees the replica so soon
     deadline = time.monotonic() + 10

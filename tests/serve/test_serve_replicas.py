@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from serve_helpers import skip_to_first_content
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -127,9 +128,7 @@ def test_killing_a_replica_mid_stream_ends_the_stream_and_service_recovers(serve
     with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
-        for line in lines:
-            if line.startswith("data: {") and '"content"' in line:
-                break
+        skip_to_first_content(lines)
         victim = busy_replica(serve_app)
         ray.kill(serve_app.replica_actor(victim), no_restart=True)
         start = time.monotonic()

@@ -2,8 +2,8 @@
 torch SDPA and vllm-flash-attn when installed; on CPU, a small correctness sweep under the Triton
 interpreter. Prints markdown tables; a GPU run also replaces `## Kernels` in bench/RESULTS.md.
 
-    python bench/kernels.py           # GPU when present, else the CPU sweep (printed only)
-    python bench/kernels.py --write   # write the CPU sweep too (replaces the GPU numbers)
+    python bench/kernel_bench.py           # GPU when present, else the CPU sweep (printed only)
+    python bench/kernel_bench.py --write   # write the CPU sweep too (replaces the GPU numbers)
 """
 from __future__ import annotations
 
