@@ -124,16 +124,22 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         """Run the batch; logits of the sequences that sample, and of prompt-logprob rows."""
         start = time.perf_counter()
-        if self.device.type == "cpu":
-            # Denormal floats make x86 matmuls up to 2x slower; the flag is per thread and the
-            # step loop may run on any thread, so set it every step (a register write).
-            torch.set_flush_denormal(True)
         input_ids, positions, meta, rows, prompt_rows = self.prepare(batch)
         self.last_prepare_time = time.perf_counter() - start
         if self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
-        else:
+            return self._logits(hidden, rows, prompt_rows)
+        # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would
+        # leak into the caller's other float code, so it is on only while the forward runs.
+        flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
+        try:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            return self._logits(hidden, rows, prompt_rows)
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int], prompt_rows: list) -> StepLogits:
         prompt = {i: self.model.compute_logits(hidden[first:first + count])
                   for i, first, count in prompt_rows}
         return StepLogits(self.model.compute_logits(hidden[rows]) if rows else None, prompt)

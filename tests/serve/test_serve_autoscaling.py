@@ -28,10 +28,15 @@ def serve_config() -> dict:
 
 
 def running_replicas() -> int:
-    from ray import serve
+    """Asks this cluster's Serve controller; `serve.status()` would reuse a client cached for
+    an earlier module's cluster."""
+    import ray
+    from ray.serve.schema import ServeInstanceDetails
 
-    deployment = serve.status().applications["pagoda"].deployments["ModelReplica"]
-    return deployment.replica_states.get("RUNNING", 0)
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    details = ServeInstanceDetails(**ray.get(controller.get_serve_instance_details.remote()))
+    deployment = details.applications["pagoda"].deployments["ModelReplica"]
+    return sum(replica.state == "RUNNING" for replica in deployment.replicas)
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
