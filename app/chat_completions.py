@@ -71,7 +71,7 @@ async def create_chat_completion(ingress: Ingress, request: ChatCompletionReques
         chunks = ChatChunks(response_id, int(time.time()), ingress.model_name)
         events = chat_events(ingress, raw, fanout, choices, chunks, len(prompt_ids), top_n,
                              request.logprobs, include_usage, timer)
-        body = sse_body(events, raw, fanout.close, ingress.settings.retry_after_s,
+        body = sse_body(events, raw, ingress.settings.retry_after_s,
                         lambda: timer.finish(len(prompt_ids),
                                              sum(c.completion_tokens for c in choices)))
         return EventStream(body, on_close=fanout.close)

@@ -133,7 +133,7 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
         chunks = CompletionChunks(response_id, int(time.time()), ingress.model_name)
         events = completion_events(ingress, raw, fanout, outputs, chunks, prompts, include_usage,
                                    timer)
-        body = sse_body(events, raw, fanout.close, ingress.settings.retry_after_s,
+        body = sse_body(events, raw, ingress.settings.retry_after_s,
                         lambda: timer.finish(prompt_tokens,
                                              sum(o.completion_tokens for o in outputs)))
         return EventStream(body, on_close=fanout.close)

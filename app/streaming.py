@@ -35,12 +35,11 @@ def event(payload: BaseModel | dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def sse_body(events: AsyncIterator[str], raw: Request,
-                   close: Callable[[], Awaitable[None]], retry_after_s: float,
+async def sse_body(events: AsyncIterator[str], raw: Request, retry_after_s: float,
                    on_end: Callable[[], None]) -> AsyncIterator[str]:
     """The frame of every stream: its events, then `[DONE]`; an error once streaming has begun
-    goes out as an error event before `[DONE]`. The engine streams are closed and `on_end` runs
-    however the stream ends, a client that left included."""
+    goes out as an error event before `[DONE]`. `on_end` runs however the stream ends; closing
+    the engine streams is EventStream's `on_close`."""
     raw.state.finish_reason = "abort"  # until the events end normally
     try:
         try:
@@ -52,8 +51,6 @@ async def sse_body(events: AsyncIterator[str], raw: Request,
             yield event(to_api_error(e, retry_after_s).body())
         yield DONE
     finally:
-        with anyio.CancelScope(shield=True):
-            await close()
         on_end()
 
 

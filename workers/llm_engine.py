@@ -95,12 +95,17 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        self.faults.forget(request_id)
-        seq = self.seqs.pop(request_id, None)
+        seq = self.seqs.get(request_id)
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
+        self._finish(seq, "abort")
         return self._output(seq, [], [], "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """The request is over: its blocks go back and the engine forgets it."""
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+        self.faults.forget(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -143,9 +148,7 @@ class LLMEngine:
                 return self._run(first) + self._run(second)
             seq = batch.seqs[0]
             log.exception("request %s failed inside an engine step", seq.request_id)
-            self.faults.forget(seq.request_id)
-            self.scheduler.finish(seq, "error")
-            self.seqs.pop(seq.request_id, None)
+            self._finish(seq, "error")
             self.failed.append((seq.request_id, e))
             return []
         for i, prompt_logits in logits.prompt.items():
@@ -179,9 +182,7 @@ class LLMEngine:
             finish = "length"
         if finish is not None:
             seq.stop_reason = stop_reason
-            self.scheduler.finish(seq, finish)
-            self.seqs.pop(seq.request_id, None)
-            self.faults.forget(seq.request_id)
+            self._finish(seq, finish)
         return self._output(seq, [token], [logprob] if logprob is not None else [], finish)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -235,6 +236,6 @@ class LLMEngine:
         dropped = list(self.seqs.values())
         for seq in dropped:
             if seq.status != SequenceStatus.FINISHED:
-                self.scheduler.finish(seq, reason)
+                self._finish(seq, reason)
         self.seqs.clear()
         return dropped
