@@ -17,7 +17,7 @@ class EngineArgs(BaseModel):
 
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
     device: str | None = None
-    attention_backend: Literal["auto", "torch", "triton", "flash"] | None = None
+    attention_backend: Literal["auto", "torch", "cpu", "triton", "flash"] | None = None
     block_size: int | None = Field(None, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)
     kv_cache_memory_gb: float | None = Field(None, gt=0)

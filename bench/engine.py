@@ -1,8 +1,10 @@
-"""Engine throughput vs HF transformers `generate`, on the same requests and machine.
+"""Engine throughput vs HF transformers `generate`, on the same requests and machine, and
+against the roofline (bench/roofline.py) measured in the same run.
 
 64 requests with mixed prompt lengths, 128 output tokens each (EOS ignored so every system
-does the same work). HF runs sequentially (on a subset, then per-token rates compare) and as
-a static left-padded batch of 32.
+does the same work). Ours runs in each dtype asked for; HF runs sequentially in float32 (what
+`from_pretrained` gives a user on a CPU; on a subset, then per-token rates compare) and as a
+static left-padded batch of 32 in each dtype.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.results import markdown_table, update_section
+from bench.roofline import StepRecorder, copy_bandwidth, matmul_peak, roofline_seconds
 from workers.config import EngineConfig
 from workers.llm import LLM
 from workers.sampling_params import SamplingParams
@@ -38,11 +41,15 @@ def make_prompts(tokenizer, num: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-def bench_ours(model: str, prompts, max_tokens: int, device: str) -> dict:
-    llm = LLM(EngineConfig(model=model, device=device, max_num_seqs=len(prompts),
+def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str) -> dict:
+    llm = LLM(EngineConfig(model=model, device=device, max_num_seqs=len(prompts), dtype=dtype,
                            max_num_batched_tokens=4096, max_model_len=2048))
     llm.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm-up
     engine = llm.engine
+    runner = engine.runner
+    peak, bandwidth = matmul_peak(runner.dtype, device), copy_bandwidth(device)
+    recorder = StepRecorder()
+    recorder.attach(runner)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{i}", p, params)
@@ -54,16 +61,19 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str) -> dict:
         forward += engine.last_step_time
         other += engine.last_schedule_time
     elapsed = time.perf_counter() - start
+    roofline = roofline_seconds(recorder.steps, runner.model_config, runner.dtype.itemsize,
+                                peak, bandwidth)
     return {"tok_s": tokens / elapsed, "elapsed": elapsed, "tokens": tokens,
+            "roofline_s": roofline, "peak": peak, "bandwidth": bandwidth,
+            "backend": runner.backend.name, "dtype_reason": runner.dtype_reason,
             "outside_forward": other / (forward + other),
             "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
             "preemptions": engine.scheduler.num_preemptions}
 
 
-def bench_hf(model: str, prompts, max_tokens: int, batch: int, device: str) -> dict:
+def bench_hf(model: str, prompts, max_tokens: int, batch: int, device: str, dtype: str) -> dict:
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32 if device == "cpu"
-                                              else torch.bfloat16).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     pad = hf.config.eos_token_id
     tokens, start = 0, time.perf_counter()
     for i in range(0, len(prompts), batch):
@@ -94,27 +104,48 @@ def main() -> None:
     parser.add_argument("--sequential-requests", type=int, default=4,
                         help="HF sequential runs on this many of the requests")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated; default float32,bfloat16 on CPU, bfloat16 on GPU")
     args = parser.parse_args()
+    dtypes = (args.dtypes or ("bfloat16" if args.device == "cuda" else "float32,bfloat16")
+              ).split(",")
+    user_dtype = "bfloat16" if args.device == "cuda" else "float32"
     from transformers import AutoTokenizer
     prompts = make_prompts(AutoTokenizer.from_pretrained(args.model), args.requests)
-    ours = bench_ours(args.model, prompts, args.max_tokens, args.device)
+    ours = {d: bench_ours(args.model, prompts, args.max_tokens, args.device, d) for d in dtypes}
     sequential = bench_hf(args.model, prompts[:args.sequential_requests], args.max_tokens, 1,
-                          args.device)
-    static = bench_hf(args.model, prompts[:32], args.max_tokens, 32, args.device)
-    rows = [
-        ["Pagoda engine (continuous batching)", args.requests, f"{ours['tok_s']:.1f}", "1.00"],
-        ["HF generate, sequential", args.sequential_requests, f"{sequential['tok_s']:.1f}",
-         f"{ours['tok_s'] / sequential['tok_s']:.1f}x"],
-        ["HF generate, static batch 32", 32, f"{static['tok_s']:.1f}",
-         f"{ours['tok_s'] / static['tok_s']:.1f}x"],
-    ]
-    table = markdown_table(["system", "requests", "output tok/s", "Pagoda speed-up"], rows)
+                          args.device, user_dtype)
+    static = {d: bench_hf(args.model, prompts[:32], args.max_tokens, 32, args.device, d)
+              for d in dtypes}
+    rows = []
+    for d, r in ours.items():
+        roof_tok_s = r["tokens"] / r["roofline_s"]
+        rows.append([f"Pagoda engine ({r['backend']} attention)", d, args.requests,
+                     f"{r['tok_s']:.1f}", f"{roof_tok_s:.0f}", f"{r['tok_s'] / roof_tok_s:.0%}",
+                     f"{r['tok_s'] / sequential['tok_s']:.1f}x",
+                     f"{r['tok_s'] / static[d]['tok_s']:.1f}x"])
+    rows.append(["HF generate, sequential", user_dtype, args.sequential_requests,
+                 f"{sequential['tok_s']:.1f}", "", "", "", ""])
+    for d, r in static.items():
+        rows.append(["HF generate, static batch 32", d, 32, f"{r['tok_s']:.1f}", "", "", "", ""])
+    table = markdown_table(["system", "dtype", "requests", "output tok/s", "roofline tok/s",
+                            "of roofline", f"vs HF sequential ({user_dtype})",
+                            "vs HF static 32 (same dtype)"], rows)
+    limits = "\n".join(
+        f"- {d}: matmul peak {r['peak'] / 1e9:.0f} GFLOP/s, copy bandwidth "
+        f"{r['bandwidth'] / 1e9:.1f} GB/s ({torch.get_num_threads()} threads; measured in this "
+        f"run); engine dtype choice for `auto`: {r['dtype_reason']}" for d, r in ours.items())
+    first = next(iter(ours.values()))
     notes = (f"\n\n{args.requests} requests, prompts of 16-512 tokens, {args.max_tokens} output "
              f"tokens each (EOS ignored), greedy, model `{os.path.basename(args.model)}` on "
-             f"{args.device}.\n{random_note(args.model)}\n- KV cache: {ours['kv_bytes_per_token']} bytes per token\n"
+             f"{args.device}.\n{random_note(args.model)}\n"
+             "Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V bytes read) / "
+             "copy bandwidth), summed over the steps this run took (`bench/roofline.py`).\n"
+             f"{limits}\n- KV cache: {first['kv_bytes_per_token']} bytes per token "
+             f"({dtypes[0]})\n"
              f"- share of engine step time outside the model forward (scheduling, batch "
-             f"preparation, detokenization, stop checks): {ours['outside_forward']:.1%}\n"
-             f"- preemptions: {ours['preemptions']}\n")
+             f"preparation, detokenization, stop checks): {first['outside_forward']:.1%}\n"
+             f"- preemptions: {first['preemptions']}\n")
     print(table + notes)
     update_section(f"Engine ({args.device}, {os.path.basename(os.path.normpath(args.model))})",
                    table + notes)

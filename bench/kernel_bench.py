@@ -1,8 +1,9 @@
 """Kernel benchmark: on a GPU, bandwidth and TFLOP/s of our kernels against the device's ceilings,
-torch SDPA and vllm-flash-attn when installed; on CPU, a small correctness sweep under the Triton
-interpreter. Prints markdown tables; a GPU run also replaces `## Kernels` in bench/RESULTS.md.
+torch SDPA and vllm-flash-attn when installed; on CPU, the C++ decode attention against the
+torch backend's gather + bmm (written to `## Kernels (CPU)`), and a small correctness sweep under
+the Triton interpreter. Prints markdown tables; a GPU run also replaces `## Kernels`.
 
-    python bench/kernel_bench.py           # GPU when present, else the CPU sweep (printed only)
+    python bench/kernel_bench.py           # GPU when present, else the CPU decode + sweep
     python bench/kernel_bench.py --write   # write the CPU sweep too (replaces the GPU numbers)
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.cpu_attention import cpu_decode_report
 from bench.kernel_cases import (
     DecodeCase,
     PrefillCase,
@@ -69,6 +71,10 @@ def main() -> None:
                         help="write the section even on CPU (GPU runs always write)")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
+    if not gpu:
+        decode = cpu_decode_report()
+        print(decode + "\n", flush=True)
+        update_section("Kernels (CPU)", decode)
     report = gpu_report() if gpu else cpu_report()
     print(report)
     if gpu or args.write:

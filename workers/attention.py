@@ -39,7 +39,7 @@ DECODE_GROUP = 16
 
 
 class TorchBackend:
-    """Reference backend in plain PyTorch; the production path on CPU."""
+    """Reference backend in plain PyTorch; the CPU path where the C++ kernel cannot build."""
 
     name = "torch"
 
@@ -149,9 +149,31 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+class CpuBackend(TorchBackend):
+    """The torch backend with decode attention from the fused C++ kernel, which reads K/V
+    straight from the cache blocks instead of gathering them first."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        from kernels.cpu_paged_decode import load, paged_decode_cpu
+
+        if load() is None:
+            raise RuntimeError("attention backend 'cpu' needs the C++ kernel, which could not "
+                               "be built (see the warning above)")
+        self._paged_decode = paged_decode_cpu
+
+    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, lens, scale):
+        return self._paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
 def get_backend(name: str, device: torch.device):
-    """auto: flash when installed on CUDA, else Triton on CUDA, else the torch reference."""
+    """auto: flash when installed on CUDA, else Triton on CUDA; on CPU the fused kernel where it
+    builds, else the torch reference."""
     if name == "auto":
+        if device.type == "cpu":
+            from kernels.cpu_paged_decode import load
+            return CpuBackend() if load() is not None else TorchBackend()
         if device.type != "cuda":
             return TorchBackend()
         try:
@@ -161,6 +183,10 @@ def get_backend(name: str, device: torch.device):
             name = "triton"
     if name == "torch":
         return TorchBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention backend 'cpu' runs on the CPU, not {device.type}")
+        return CpuBackend()
     if name == "triton":
         from kernels.backend import TritonBackend
         return TritonBackend()

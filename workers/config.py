@@ -13,9 +13,9 @@ DEFAULT_MODEL = os.environ.get("PAGODA_MODEL", "models/smollm2-135m-instruct")
 class EngineConfig:
     model: str = DEFAULT_MODEL
     served_model_name: str | None = None
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto: workers/dtype.py (bfloat16 where the device runs it natively)
     device: str = "auto"  # auto: cuda when available
-    attention_backend: str = "auto"  # auto | torch | triton | flash
+    attention_backend: str = "auto"  # auto | torch | cpu | triton | flash
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0
@@ -42,7 +42,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if self.attention_backend not in ("auto", "torch", "triton", "flash"):
+        if self.attention_backend not in ("auto", "torch", "cpu", "triton", "flash"):
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")

@@ -1,6 +1,7 @@
 """Owns the model and its KV cache; runs one flattened mixed batch per step."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 from workers.attention import AttentionMetadata, get_backend
 from workers.config import EngineConfig
 from workers.cuda_graph import CudaGraphRunner, GraphShape
+from workers.dtype import choose_dtype
 from workers.loader import load_weights
 from workers.model import CausalLM, ModelConfig
 from workers.packed_linear import PackedLinear, pack_linears, packing_supported
@@ -22,7 +24,8 @@ class StepLogits:
     prompt: dict[int, torch.Tensor]  # batch index -> logits of its prompt rows this step
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+log = logging.getLogger("pagoda.engine")
+EXACT_TOP_LOGITS = 16  # half-precision logits recomputed in fp32, per row
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,8 +38,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = DTYPES.get(config.dtype) or (
-            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype, self.dtype_reason = choose_dtype(config.dtype, self.device)
+        log.info("dtype %s (%s)", str(self.dtype).removeprefix("torch."), self.dtype_reason)
         self.model_config = ModelConfig.from_hf(config.hf_config)
         if self.device.type == "cpu":
             # Ray sets OMP_NUM_THREADS=1 in actors with fractional CPUs; the engine wants the cores
@@ -140,6 +143,18 @@ class ModelRunner:
                 torch.set_flush_denormal(False)
 
     def _logits(self, hidden: torch.Tensor, rows: list[int], prompt_rows: list) -> StepLogits:
-        prompt = {i: self.model.compute_logits(hidden[first:first + count])
+        prompt = {i: self._compute_logits(hidden[first:first + count])
                   for i, first, count in prompt_rows}
-        return StepLogits(self.model.compute_logits(hidden[rows]) if rows else None, prompt)
+        return StepLogits(self._compute_logits(hidden[rows]) if rows else None, prompt)
+
+    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden)
+        if logits.dtype == torch.float32:
+            return logits
+        # bf16 keeps 8 bits of mantissa: logits near 20 round to steps of 0.125, enough to
+        # swap the top two tokens. The top candidates are recomputed exactly in fp32.
+        head = self.model.lm_head
+        weight = self.model.embed_tokens.weight if head is None else head.weight
+        top = logits.topk(min(EXACT_TOP_LOGITS, logits.shape[-1]), dim=-1).indices
+        exact = torch.einsum("rd,rkd->rk", hidden.float(), weight[top].float())
+        return logits.float().scatter_(1, top, exact)

@@ -26,7 +26,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    return LLM(EngineConfig(model=model_dir, max_model_len=1024, num_kv_blocks=256))
+    # float32: compared token for token and logit for logit with HF in float32
+    return LLM(EngineConfig(model=model_dir, max_model_len=1024, num_kv_blocks=256,
+                            dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_tiny_kv_pool_preempts_and_output_is_identical(model_dir, llm):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     expected = [o.token_ids for o in llm.generate(PROMPTS, params)]
     small = LLM(EngineConfig(model=model_dir, max_model_len=1024, num_kv_blocks=12,
-                             block_size=8, max_num_batched_tokens=64))
+                             block_size=8, max_num_batched_tokens=64, dtype="float32"))
     outs = small.generate(PROMPTS, params)
     assert small.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == expected
@@ -185,7 +187,7 @@ def test_logprobs_are_model_logprobs(llm):
 
 def test_prompt_logprobs_match_hf_across_prefill_chunks(model_dir, hf):
     chunked = LLM(EngineConfig(model=model_dir, max_model_len=1024, num_kv_blocks=64,
-                               max_num_batched_tokens=16, max_num_seqs=4))
+                               max_num_batched_tokens=16, max_num_seqs=4, dtype="float32"))
     prompt = chunked.tokenizer.encode(PROMPTS[2])
     assert len(prompt) > 16  # the prompt is computed in several chunks
     out = chunked.engine

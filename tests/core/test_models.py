@@ -12,6 +12,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from kernels import cpu_paged_decode
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.model_runner import ModelRunner
@@ -31,8 +32,9 @@ CASES = {
 }
 
 
-# On a GPU the Triton backend with CUDA-graph decode is checked too (CI has only the CPU).
-BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() else [])
+# The CPU C++ decode kernel where it builds; on a GPU the Triton backend with CUDA-graph decode.
+BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() else
+                        ["cpu"] if cpu_paged_decode.load() is not None else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,85 @@
+"""The time a workload needs at this device's limits, from the batches the engine really ran.
+
+Each step costs at least max(FLOPs / matmul peak, bytes / copy bandwidth): FLOPs of the linear
+layers over its tokens (lm_head over its sampled rows only) plus attention over each row's
+context; bytes of the weights read once plus every sequence's K/V read once. Peak and bandwidth
+are measured in the same process, with the same threads, right before the workload runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from workers.model import ModelConfig
+
+
+def _best_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, device: str) -> float:
+    """Best FLOP/s of a large square matmul and of the decode shape of a small model."""
+    peak = 0.0
+    with torch.inference_mode():
+        for m, k, n in ((2048, 2048, 2048), (64, 576, 3072), (512, 576, 3072)):
+            a = torch.randn(m, k, dtype=dtype, device=device)
+            b = torch.randn(n, k, dtype=dtype, device=device)
+            peak = max(peak, 2 * m * k * n / _best_seconds(lambda a=a, b=b: F.linear(a, b)))
+    return peak
+
+
+def copy_bandwidth(device: str, nbytes: int = 2**28) -> float:
+    """Bytes read + written per second copying a buffer far larger than the caches."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best_seconds(lambda: dst.copy_(src))
+
+
+@dataclass
+class StepRecorder:
+    """Wraps a ModelRunner's execute to log each batch: (new tokens, context before, sampled)."""
+
+    steps: list[list[tuple[int, int, bool]]] = field(default_factory=list)
+
+    def attach(self, runner) -> None:
+        execute = runner.execute
+
+        def recorded(batch):
+            self.steps.append([(n, s.num_computed_tokens, s.num_computed_tokens + n
+                                == s.num_tokens) for s, n in zip(batch.seqs,
+                                                                batch.num_new_tokens)])
+            return execute(batch)
+
+        runner.execute = recorded
+
+
+def roofline_seconds(steps, cfg: ModelConfig, itemsize: int, peak_flops: float,
+                     bandwidth: float) -> float:
+    d, h, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer_params = d * (h + 2 * kv) + h * d + 3 * d * cfg.intermediate_size
+    linear_params = cfg.num_layers * layer_params
+    head_params = cfg.vocab_size * d
+    kv_bytes_per_token = 2 * cfg.num_layers * kv * itemsize
+    weight_bytes = (linear_params + head_params) * itemsize
+    total = 0.0
+    for rows in steps:
+        tokens = sum(n for n, _, _ in rows)
+        sampled = sum(s for _, _, s in rows)
+        # each new token attends to the cached context and the new tokens up to itself
+        pairs = sum(n * c + n * (n + 1) // 2 for n, c, _ in rows)
+        flops = 2 * (linear_params * tokens + head_params * sampled) + \
+            4 * cfg.num_layers * h * pairs
+        kv_read = sum(n + c for n, c, _ in rows) * kv_bytes_per_token
+        total += max(flops / peak_flops, (weight_bytes + kv_read) / bandwidth)
+    return total
