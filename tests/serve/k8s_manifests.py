@@ -103,6 +103,21 @@ def serve_args(rayservice: dict) -> list[PagodaArgs]:
     return [PagodaArgs.model_validate(app.get("args") or {}) for app in config["applications"]]
 
 
+def ranks(args: PagodaArgs) -> int:
+    """Devices one replica spans: its tensor-parallel times pipeline-parallel ranks."""
+    engine = args.engine
+    return (getattr(engine, "tensor_parallel_size", None) or 1) * \
+        (getattr(engine, "pipeline_parallel_size", None) or 1)
+
+
+def ranks_per_node(args: PagodaArgs) -> int:
+    """Ranks of one replica that share a node: all of them unless pipeline stages may spread."""
+    strategy = getattr(args.replicas, "placement_strategy", None)
+    if strategy in ("PACK", "SPREAD", "STRICT_SPREAD"):
+        return getattr(args.engine, "tensor_parallel_size", None) or 1
+    return ranks(args)
+
+
 def env_var(container: dict, name: str) -> dict | None:
     return next((e for e in container.get("env", []) if e["name"] == name), None)
 

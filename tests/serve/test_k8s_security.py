@@ -11,6 +11,7 @@ from k8s_manifests import (
     env_var,
     of_kind,
     pod_groups,
+    ranks,
     ray_container,
     ray_pods,
     rayservices,
@@ -142,9 +143,9 @@ def test_worker_resources_match_the_engine_config(name, doc):
     for args in serve_args(doc):
         model = next(k for k in PARAMETERS if k in (args.served_model_name or args.model))
         assert args.engine.dtype in ("bfloat16", "float16")
-        weights = PARAMETERS[model] * 2
-        kv = (args.engine.kv_cache_memory_gb or 0) * 2**30
-        per_gpu = (weights + kv) / args.replicas.num_gpus + 4 * 2**30  # activations, graphs
+        # each rank holds its share of the weights and kv_cache_memory_gb of KV cache
+        weights = PARAMETERS[model] * 2 / ranks(args)
+        per_gpu = weights + (args.engine.kv_cache_memory_gb or 0) * 2**30 + 4 * 2**30
         for group_name, group in pod_groups(doc)[1:]:
             spec, container = group["template"]["spec"], ray_container(group)
             requests, limits = container["resources"]["requests"], container["resources"]["limits"]

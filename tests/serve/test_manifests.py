@@ -15,6 +15,8 @@ from k8s_manifests import (
     exported_names,
     kuberay_schema,
     pod_groups,
+    ranks,
+    ranks_per_node,
     ray_container,
     rayservices,
     serve_args,
@@ -67,14 +69,17 @@ def test_gpu_replicas_fit_the_gpu_worker_groups(name, doc):
     groups = [g for _, g in pod_groups(doc)[1:]]
     for args in serve_args(doc):
         assert args.replicas.num_gpus >= 1 and args.engine.device == "cuda"
+        on_node = ranks_per_node(args)  # ranks placed together need one node's GPUs and CPUs
+        cpus = args.replicas.num_cpus + (on_node - 1) * getattr(args.replicas, "worker_num_cpus", 0)
         fitting = []
         for group in groups:
             limits = ray_container(group)["resources"]["limits"]
             gpus = int(limits.get("nvidia.com/gpu", 0))
-            # a replica's GPUs sit on one node; the group must grow to max_replicas of them
-            if gpus >= args.replicas.num_gpus and int(limits["cpu"]) >= args.replicas.num_cpus:
-                fitting.append(group["maxReplicas"] * (gpus // args.replicas.num_gpus))
-        assert fitting and max(fitting) >= args.replicas.max_replicas, name
+            if gpus >= on_node * args.replicas.num_gpus and int(limits["cpu"]) >= cpus:
+                fitting.append(group["maxReplicas"] * gpus)
+        # the autoscaler must be able to grow the cluster to max_replicas replicas' GPUs
+        needed = args.replicas.max_replicas * ranks(args) * args.replicas.num_gpus
+        assert fitting and max(fitting) >= needed, name
 
 
 @pytest.mark.parametrize("name,doc", rayservices(), ids=lambda v: v if isinstance(v, str) else "")
