@@ -2,12 +2,37 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import os
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workers.config import DEFAULT_MODEL
 from workers.routing_policy import RoutingPolicy
+
+MAX_ENGINE_THREADS = 8  # past this, one small model's matmuls gain less than another replica
+
+
+class CpuPlan(NamedTuple):
+    replicas: int
+    threads: int  # engine threads per replica
+
+
+def cpu_plan(cores: int) -> CpuPlan:
+    """Replicas and engine threads for a CPU-only machine with `cores` cores.
+
+    One core stays with the HTTP proxy, the ingress and Ray; an engine thread sharing a core
+    with them stalls every step, since each forward waits for its slowest thread. The other
+    cores go to replicas of at most MAX_ENGINE_THREADS threads each: 2 cores -> 1 replica x 1
+    thread, 4 -> 1 x 3, 16 -> 2 x 7, 64 -> 8 x 7.
+    """
+    engine_cores = max(1, cores - 1)
+    replicas = -(-engine_cores // MAX_ENGINE_THREADS)
+    return CpuPlan(replicas, engine_cores // replicas)
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class EngineArgs(BaseModel):
@@ -111,6 +136,9 @@ class ApiArgs(BaseModel):
 
 
 class PagodaArgs(BaseModel):
+    """`auto` in engine.num_threads or replicas.max_replicas (CPU only) takes the value of
+    `cpu_plan` for the machine that validates the config (`serve run`'s)."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = DEFAULT_MODEL  # an HF-format folder on every node that runs a deployment
@@ -120,6 +148,23 @@ class PagodaArgs(BaseModel):
     ingress: IngressArgs = IngressArgs()
     routing: RoutingPolicy = RoutingPolicy()
     api: ApiArgs = ApiArgs()
+
+    @model_validator(mode="before")
+    @classmethod
+    def resolve_auto(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        engine, replicas = dict(data.get("engine") or {}), dict(data.get("replicas") or {})
+        autos = [(part, key) for part, key in ((engine, "num_threads"), (replicas, "max_replicas"))
+                 if part.get(key) == "auto"]
+        if not autos:
+            return data
+        if replicas.get("num_gpus") or engine.get("device", "cpu") not in ("cpu", "auto"):
+            raise ValueError("'auto' threads and replicas are for CPU-only configs")
+        plan = cpu_plan(machine_cores())
+        for part, key in autos:
+            part[key] = plan.threads if key == "num_threads" else plan.replicas
+        return {**data, "engine": engine, "replicas": replicas}
 
     def engine_kwargs(self) -> dict[str, Any]:
         """EngineConfig(**kwargs) of every replica."""

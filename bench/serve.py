@@ -136,7 +136,9 @@ def sweep(args: argparse.Namespace, tokenizer) -> tuple[str, dict[int, tuple[Run
                                  args.max_tokens, seed=c) for c in levels}
     served_args = app_args(args.config, 1, max(levels))
     model = os.path.basename(os.path.normpath(served_args["model"]))
-    engine_kwargs = {**served_args["engine"], "model": served_args["model"]}
+    from app.serve_args import PagodaArgs
+
+    engine_kwargs = PagodaArgs.model_validate(served_args).engine_kwargs()  # resolves `auto`
     engine = LLMEngine(EngineConfig(**engine_kwargs))
     run_offline(engine, sharegpt_like(tokenizer, 4, 8, seed=999), 4, "warmup")
     offline = {c: run_offline(engine, requests[c], c, f"c{c}") for c in levels}
@@ -242,7 +244,10 @@ def serving_section(args, results: dict[int, tuple[RunStats, RunStats]]) -> str:
         served, offline = results[32]
         target = (f"Served throughput at concurrency 32 is "
                   f"{served.token_rate / offline.token_rate:.0%} of offline (target: 85%). ")
-    threads = app_args(args.config, 1, 1)["engine"].get("num_threads") or os.cpu_count()
+    from app.serve_args import PagodaArgs
+
+    threads = PagodaArgs.model_validate(app_args(args.config, 1, 1)).engine.num_threads or \
+        os.cpu_count()
     return (f"{table}\n\n{target}One replica, the same engine config ({threads} engine "
             f"thread{'s' if threads != 1 else ''}, on {os.cpu_count()} cores) and requests "
             "offline and served. "

@@ -24,7 +24,7 @@ from k8s_manifests import (
 )
 from ray.serve.schema import ServeDeploySchema
 
-from app.serve_args import ApiArgs, EngineArgs, PagodaArgs
+from app.serve_args import ApiArgs, EngineArgs, PagodaArgs, cpu_plan, machine_cores
 from app.settings import Settings
 from workers.config import EngineConfig
 
@@ -100,7 +100,9 @@ def test_model_folder_is_on_a_mounted_volume_of_the_gpu_workers(name, doc):
 def test_cpu_config_fits_two_cores():
     args = PagodaArgs.model_validate(
         yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())["applications"][0]["args"])
-    assert (args.replicas.min_replicas, args.replicas.max_replicas) == (1, 2)
+    plan = cpu_plan(machine_cores())
+    assert (args.replicas.min_replicas, args.replicas.max_replicas) == (1, plan.replicas)
+    assert args.engine.num_threads == plan.threads
     assert args.replicas.num_gpus == 0
     needed = args.replicas.max_replicas * args.replicas.num_cpus \
         + args.ingress.num_replicas * args.ingress.num_cpus
@@ -120,6 +122,14 @@ def test_args_reject_typos_and_bad_bounds():
         PagodaArgs.model_validate({"replicas": {"min_replicas": 3, "max_replicas": 2}})
     with pytest.raises(ValueError):
         PagodaArgs.model_validate({"routing": {"min_prefix_blocks": 0}})
+    with pytest.raises(ValueError, match="CPU-only"):
+        PagodaArgs.model_validate({"engine": {"num_threads": "auto"}, "replicas": {"num_gpus": 1}})
+
+
+@pytest.mark.parametrize("cores,plan", [(1, (1, 1)), (2, (1, 1)), (4, (1, 3)), (9, (1, 8)),
+                                        (16, (2, 7)), (64, (8, 7))])
+def test_cpu_plan_keeps_a_core_for_serving_and_caps_threads(cores, plan):
+    assert cpu_plan(cores) == plan
 
 
 def test_dockerfile_copies_existing_paths():
