@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.results import markdown_table, update_section
 from bench.roofline import StepRecorder, copy_bandwidth, matmul_peak, roofline_seconds
 from workers.config import EngineConfig
+from workers.dtype import choose_dtype
 from workers.llm import LLM
 from workers.sampling_params import SamplingParams
 
@@ -65,7 +66,7 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str) ->
                                 peak, bandwidth)
     return {"tok_s": tokens / elapsed, "elapsed": elapsed, "tokens": tokens,
             "roofline_s": roofline, "peak": peak, "bandwidth": bandwidth,
-            "backend": runner.backend.name, "dtype_reason": runner.dtype_reason,
+            "backend": runner.backend.name,
             "outside_forward": other / (forward + other),
             "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
             "preemptions": engine.scheduler.num_preemptions}
@@ -134,14 +135,16 @@ def main() -> None:
     limits = "\n".join(
         f"- {d}: matmul peak {r['peak'] / 1e9:.0f} GFLOP/s, copy bandwidth "
         f"{r['bandwidth'] / 1e9:.1f} GB/s ({torch.get_num_threads()} threads; measured in this "
-        f"run); engine dtype choice for `auto`: {r['dtype_reason']}" for d, r in ours.items())
+        "run)" for d, r in ours.items())
     first = next(iter(ours.values()))
+    dtype, reason = choose_dtype("auto", torch.device(args.device))
+    auto_dtype = f"{str(dtype).removeprefix('torch.')} ({reason})"
     notes = (f"\n\n{args.requests} requests, prompts of 16-512 tokens, {args.max_tokens} output "
              f"tokens each (EOS ignored), greedy, model `{os.path.basename(args.model)}` on "
              f"{args.device}.\n{random_note(args.model)}\n"
              "Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V bytes read) / "
              "copy bandwidth), summed over the steps this run took (`bench/roofline.py`).\n"
-             f"{limits}\n- KV cache: {first['kv_bytes_per_token']} bytes per token "
+             f"{limits}\n- `dtype: auto` here: {auto_dtype}\n- KV cache: {first['kv_bytes_per_token']} bytes per token "
              f"({dtypes[0]})\n"
              f"- share of engine step time outside the model forward (scheduling, batch "
              f"preparation, detokenization, stop checks): {first['outside_forward']:.1%}\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,11 @@ class ModelReplica:
 
         config = EngineConfig(**engine_config)
         self.engine = AsyncLLMEngine(config)
+        runner = self.engine.engine.runner
+        logging.getLogger("ray.serve").info(
+            "engine: dtype %s (%s), attention backend %s, threads %s",
+            str(runner.dtype).removeprefix("torch."), runner.dtype_reason, runner.backend.name,
+            config.num_threads or "all cores")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = ReplicaMetrics(model=config.served_model_name, replica=self.replica_id)
         self.num_requests = 0
