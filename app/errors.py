@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from app.protocol import ErrorInfo, ErrorResponse
-from workers.errors import (
+from workers.engine.errors import (
     ContextLengthError,
     EngineDeadError,
     InvalidRequestError,

@@ -8,8 +8,8 @@ import jsonschema
 
 from app.errors import bad_request
 from app.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest, Tool
-from workers.errors import ContextLengthError
-from workers.sampling_params import MAX_LOGPROBS, SamplingParams
+from workers.engine.errors import ContextLengthError
+from workers.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 from api_helpers import DONE, check_chat_stream, parse_sse, post_stream, wait_idle
 
-from workers.errors import EngineDeadError
+from workers.engine.errors import EngineDeadError
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from app.serve_args import ApiArgs, EngineArgs, PagodaArgs
 from app.settings import Settings
-from workers.config import EngineConfig
+from workers.engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # ../shared holds the CRD on developer machines and in CI; a clone elsewhere can point at it
@@ -170,7 +170,7 @@ def exported_names() -> set[str]:
     from ray.util import metrics as ray_metrics
 
     from app.metrics import Metrics
-    from workers.replica_metrics import ReplicaMetrics
+    from workers.replica.metrics import ReplicaMetrics
 
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     names = {family.name + s for family in Metrics("m").registry.collect()
@@ -203,7 +203,7 @@ def test_builder_turns_args_into_deployment_options(path):
     from ray.serve._private.build_app import build_app as build_graph
 
     from app.serve_app import build_app
-    from workers.request_router import PagodaRequestRouter
+    from workers.router.request_router import PagodaRequestRouter
 
     raw = yaml.safe_load(path.read_text())["applications"][0]["args"]
     args = PagodaArgs.model_validate(raw)

@@ -6,7 +6,7 @@ import json
 import torch
 import xgrammar as xgr
 
-from workers.errors import InvalidRequestError
+from workers.engine.errors import InvalidRequestError
 
 
 class GrammarCompiler:
