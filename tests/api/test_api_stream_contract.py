@@ -48,6 +48,23 @@ def test_include_usage_adds_one_final_usage_chunk(http):
     assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= prompt["count"]
 
 
+def test_continuous_usage_stats_put_usage_so_far_on_every_chunk(http):
+    body = {"messages": QUESTION, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "n": 2, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = post_stream(http, "/v1/chat/completions", body)
+    assert events[-1] == DONE
+    prompt = http.post("/tokenize", json={"messages": QUESTION}).json()["count"]
+    completion = [u["completion_tokens"] for u in (e["usage"] for e in events[:-1])]
+    assert all(e["usage"]["prompt_tokens"] == prompt for e in events[:-1])
+    assert completion[:2] == [0, 0]  # the role chunks, before any token
+    assert completion == sorted(completion) and completion[-1] == 10
+    assert events[-2]["choices"] == [] and events[-3]["usage"]["completion_tokens"] == 10
+    # without the flag, the default stream keeps usage off every chunk but the last
+    plain = post_stream(http, "/v1/chat/completions", {
+        **body, "stream_options": {"include_usage": True}})
+    check_chat_stream(plain, 2, include_usage=True)
+
+
 def test_n2_interleaves_choices_each_with_role_and_finish(http):
     body = {"messages": QUESTION, "max_tokens": 8, "n": 2, "seed": 7, "temperature": 1.0,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
