@@ -5,12 +5,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from app.chat_output import ChoiceOutput
-from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
+from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import bad_request
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
@@ -98,15 +97,10 @@ async def create_chat_completion(ingress: Ingress, request: ChatCompletionReques
                         lambda: timer.finish(len(prompt_ids),
                                              sum(c.completion_tokens for c in choices)))
         return EventStream(body, on_close=fanout.close)
-    try:
-        await unless_disconnected(raw, collect(fanout, choices, timer))
-    except ClientGone:
-        raw.state.finish_reason = "abort"
+    if not await collect_unless_disconnected(
+            raw, fanout, collect(fanout, choices, timer),
+            lambda: timer.finish(len(prompt_ids), sum(c.completion_tokens for c in choices))):
         return Response(status_code=499)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await fanout.close()
-        timer.finish(len(prompt_ids), sum(c.completion_tokens for c in choices))
     response = ChatCompletionResponse(
         id=response_id, created=int(time.time()), model=ingress.model_name,
         choices=[whole_choice(ingress, c, request.logprobs, top_n) for c in choices],

@@ -38,7 +38,7 @@ class PagodaIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         from app.api import build_app as build_api
-        from app.responses.store import ActorStore
+        from workers.store.response_store import ActorStore
 
         store = ActorStore(self.settings.response_store_records,
                            self.settings.response_store_mb * 2**20)

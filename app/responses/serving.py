@@ -10,13 +10,12 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from app.chat_completions import plan_chat
 from app.chat_output import ChoiceOutput
-from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
+from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import APIError, to_api_error
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
@@ -128,15 +127,10 @@ async def create_response(ingress: Ingress, store: ResponseStore, request: Respo
                         lambda: timer.finish(run.prompt_tokens, run.choice.completion_tokens),
                         done="")
         return EventStream(body, on_close=fanout.close)
-    try:
-        await unless_disconnected(raw, collect(run, fanout, timer))
-    except ClientGone:
-        raw.state.finish_reason = "abort"
+    if not await collect_unless_disconnected(
+            raw, fanout, collect(run, fanout, timer),
+            lambda: timer.finish(run.prompt_tokens, run.choice.completion_tokens)):
         return Response(status_code=499)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await fanout.close()
-        timer.finish(run.prompt_tokens, run.choice.completion_tokens)
     run.finish()
     await run.save(store)
     raw.state.finish_reason = run.choice.streamed_finish_reason()

@@ -1,11 +1,12 @@
 """Where responses are kept for `previous_response_id` and GET/DELETE: a small async interface
-over the records, in this process or in the cluster's shared store actor."""
+over the records; this process's own here, the cluster's shared actor in
+workers/store/response_store.py."""
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Protocol
 
-from workers.response_store import ResponseRecords, store_actor
+from workers.store.response_store import ResponseRecords
 
 
 class ResponseStore(Protocol):
@@ -29,20 +30,3 @@ class LocalStore:
 
     async def delete(self, response_id: str) -> bool:
         return self.records.delete(response_id)
-
-
-class ActorStore:
-    """The records in the named actor every ingress replica shares."""
-
-    def __init__(self, max_records: int, max_bytes: int) -> None:
-        self.actor: Any = store_actor(max_records, max_bytes)
-
-    async def put(self, response_id: str, record: dict) -> None:
-        await self.actor.put.remote(response_id, json.dumps(record))
-
-    async def get(self, response_id: str) -> dict | None:
-        record = await self.actor.get.remote(response_id)
-        return None if record is None else json.loads(record)
-
-    async def delete(self, response_id: str) -> bool:
-        return await self.actor.delete.remote(response_id)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from api_helpers import wait_idle
+from api_helpers import DyingClient, wait_idle
 from live_server import LiveServer, serve
 from responses_helpers import check_response_stream, parse_named_sse, post_response_stream
 from test_api_parsers_live import THINK_TURNS, TOOL_TURNS, raw_text
 
 from app.api import build_app
 from app.settings import Settings
-from workers.errors import EngineDeadError
 
 pytestmark = pytest.mark.slow
 
@@ -101,14 +100,6 @@ def test_auto_tool_call_stream_matches_the_raw_text(http):
     assert calls[0]["arguments"] in raw
 
 
-@pytest.fixture(scope="module")
-def thinking(engine):
-    live = serve(engine, reasoning_parser=True)
-    with httpx.Client(base_url=live.url, timeout=120) as http:
-        yield http
-    live.stop()
-
-
 def test_reasoning_and_message_are_two_items(thinking):
     raw = raw_text(thinking, THINK_TURNS)
     assert raw.startswith("<think>"), f"the prompt no longer leads the model to think: {raw!r}"
@@ -124,20 +115,6 @@ def test_reasoning_and_message_are_two_items(thinking):
 
 
 def test_error_mid_stream_is_response_failed(engine):
-    class DyingClient:
-        def __init__(self, inner):
-            self.inner, self.config, self.tokenizer = inner, inner.config, inner.tokenizer
-            self.abort, self.stats, self.is_alive = inner.abort, inner.stats, inner.is_alive
-
-        async def generate(self, prompt_token_ids, params, request_id):
-            stream = self.inner.generate(prompt_token_ids, params, request_id)
-            try:
-                async for out in stream:
-                    yield out
-                    raise EngineDeadError("replica died")
-            finally:
-                await stream.aclose()
-
     live = LiveServer(build_app(DyingClient(engine), Settings()))
     try:
         body = {"input": "Write a long story.", "max_output_tokens": 50, "stream": True}
@@ -208,3 +185,13 @@ def test_api_key_guards_responses(engine):
         assert ok.status_code == 200
     finally:
         live.stop()
+
+
+def test_disconnect_before_a_whole_response_aborts(server, engine):
+    body = {"input": "Write a long story about a dragon.", "max_output_tokens": 400}
+    steps_before = engine.step_count
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/responses", json=body, timeout=1.0)
+    stats = wait_idle(engine)
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+    assert engine.step_count - steps_before < 400

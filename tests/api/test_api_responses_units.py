@@ -12,7 +12,7 @@ from app.protocol import DeltaMessage, FunctionCallDelta, ToolCallDelta
 from app.responses.conversation import chat_request, request_items, to_messages
 from app.responses.output import OutputBuilder
 from app.responses.protocol import FunctionChoice, ResponseObject, ResponsesRequest, ResponseUsage
-from workers.response_store import ResponseRecords
+from workers.store.response_store import ResponseRecords
 
 
 def call_header(index: int, name: str) -> DeltaMessage:

@@ -6,9 +6,7 @@ import json
 import httpx
 import jsonschema
 import pytest
-from api_helpers import DONE, check_chat_stream, parse_sse, post_stream, wait_idle
-
-from workers.errors import EngineDeadError
+from api_helpers import DONE, DyingClient, check_chat_stream, parse_sse, post_stream, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -162,20 +160,6 @@ def test_error_mid_stream_is_an_event_then_done(engine):
 
     from app.api import build_app
     from app.settings import Settings
-
-    class DyingClient:
-        def __init__(self, inner):
-            self.inner, self.config, self.tokenizer = inner, inner.config, inner.tokenizer
-            self.abort, self.stats, self.is_alive = inner.abort, inner.stats, inner.is_alive
-
-        async def generate(self, prompt_token_ids, params, request_id):
-            stream = self.inner.generate(prompt_token_ids, params, request_id)
-            try:
-                async for out in stream:
-                    yield out
-                    raise EngineDeadError("replica died")
-            finally:
-                await stream.aclose()
 
     live = LiveServer(build_app(DyingClient(engine), Settings()))
     try:

@@ -5,7 +5,9 @@ Every ingress replica shares one named, detached actor holding a ResponseRecords
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from typing import Any
 
 STORE_ACTOR = "pagoda-response-store"
 STORE_NAMESPACE = "pagoda"
@@ -49,11 +51,28 @@ class ResponseRecords:
         return len(self.records)
 
 
-def store_actor(max_records: int, max_bytes: int):
+def store_actor(max_records: int, max_bytes: int) -> Any:
     """The cluster's store actor, created by whichever ingress replica asks first."""
     import ray
 
     actor = ray.remote(ResponseRecords).options(
         name=STORE_ACTOR, namespace=STORE_NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_concurrency=1)
+        num_cpus=0, max_restarts=-1)
     return actor.remote(max_records, max_bytes)
+
+
+class ActorStore:
+    """An ingress replica's side of the shared store (app.responses.store.ResponseStore)."""
+
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        self.actor = store_actor(max_records, max_bytes)
+
+    async def put(self, response_id: str, record: dict) -> None:
+        await self.actor.put.remote(response_id, json.dumps(record))
+
+    async def get(self, response_id: str) -> dict | None:
+        record = await self.actor.get.remote(response_id)
+        return None if record is None else json.loads(record)
+
+    async def delete(self, response_id: str) -> bool:
+        return await self.actor.delete.remote(response_id)
