@@ -51,6 +51,13 @@ def test_ray_metrics_are_scraped_on_every_ray_pod_and_the_ingress_on_workers():
         assert {p["containerPort"] for p in ray_container(group)["ports"]
                 if p["name"] == "metrics"} == {int(metrics_port)}
     assert {e["port"] for e in ray["podMetricsEndpoints"]} >= {"metrics"}
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
+    for group_name, _, group in selected({"matchLabels": {"ray.io/node-type": "head"}}):
+        ports = {p["name"]: p["containerPort"] for p in ray_container(group)["ports"]}
+        assert ports["as-metrics"] == AUTOSCALER_METRIC_PORT
+        assert ports["dash-metrics"] == DASHBOARD_METRIC_PORT
     ingress = monitors["pagoda-ingress"]
     workers = selected(ingress["selector"])
     assert workers and all(labels["ray.io/node-type"] == "worker" for _, labels, _ in workers)

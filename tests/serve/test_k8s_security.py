@@ -165,3 +165,15 @@ def test_worker_resources_match_the_engine_config(name, doc):
             assert object_store + 4 * 2**30 <= quantity(shm["sizeLimit"])
             # a memory-backed emptyDir counts against the container's memory limit
             assert quantity(shm["sizeLimit"]) <= quantity(limits["memory"]) / 2
+
+
+def test_prometheus_reaches_every_port_it_scrapes():
+    for _, monitor in of_kind("PodMonitor"):
+        for group_name, labels, group in ray_pods():
+            if not selects(monitor["spec"]["selector"], labels):
+                continue
+            ports = {p["name"]: p["containerPort"] for p in ray_container(group)["ports"]}
+            for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+                if endpoint["port"] in ports:
+                    peers = allowed_peers(ports[endpoint["port"]], labels)
+                    assert MONITORING in peers or None in peers, (group_name, endpoint["port"])
