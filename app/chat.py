@@ -6,6 +6,7 @@ reads the model's answer whatever the template.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -29,9 +30,15 @@ For each function call, return a json object with function name and arguments wi
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
 
-# arguments we pass ourselves; a request cannot override them through chat_template_kwargs
-RESERVED_KWARGS = {"conversation", "messages", "tools", "add_generation_prompt",
-                   "continue_final_message", "tokenize", "chat_template", "return_dict"}
+# names the renderer sets itself (besides apply_chat_template's own parameters)
+TEMPLATE_VARIABLES = {"messages", "tools", "documents", "add_generation_prompt"}
+
+
+def reserved_kwargs(tokenizer: Any) -> frozenset[str]:
+    """Names chat_template_kwargs may not use: they would collide with the renderer's own."""
+    params = inspect.signature(tokenizer.apply_chat_template).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return frozenset(named | TEMPLATE_VARIABLES)
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -66,6 +73,7 @@ class ChatTemplate:
         source = tokenizer.chat_template or ""
         self.knows_tools = "tools" in source
         self.knows_tool_calls = "tool_calls" in source
+        self.reserved = reserved_kwargs(tokenizer)
 
     def conversation(self, messages: list[ChatMessage], tools: list[Tool] | None) -> list[dict]:
         conversation = []
@@ -115,7 +123,11 @@ class ChatTemplate:
         if continue_final_message and messages[-1].role != "assistant":
             raise bad_request("continue_final_message needs a final assistant message.",
                               "continue_final_message")
-        kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in RESERVED_KWARGS}
+        kwargs = dict(template_kwargs or {})
+        taken = sorted(self.reserved.intersection(kwargs))
+        if taken:
+            raise bad_request(f"chat_template_kwargs cannot set {', '.join(taken)}: the "
+                              "server sets these itself.", "chat_template_kwargs")
         tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
             return self.tokenizer.apply_chat_template(

@@ -63,6 +63,10 @@ async def parse_body(request: Request, model: type) -> Any:
         raise bad_request(f"The request body is not UTF-8 JSON: {e.reason}.") from e
     except RecursionError as e:  # the parser recurses once per level of nesting
         raise bad_request("The request body is nested too deeply.") from e
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # an integer beyond Python's int-from-string digit limit
+        raise bad_request("The request body has a number with too many digits.") from e
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
     return model.model_validate(data)

@@ -2,6 +2,7 @@
 (context length, n, token ids, schemas), each failing as a 400 that names the parameter."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import jsonschema
@@ -10,6 +11,10 @@ from app.errors import bad_request
 from app.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest, Tool
 from workers.errors import ContextLengthError
 from workers.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+TOKEN_ID = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: "²" and "１" pass isdigit()
+MAX_SCHEMA_DEPTH = 64  # levels of objects and arrays; validators recurse once per level
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,28 @@ def chat_schema(request: ChatCompletionRequest) -> dict | None:
     return tool_call_schema(request.tools, name)
 
 
+def nesting_depth(value: object) -> int:
+    """Levels of dicts and lists in a JSON value, counted without recursion."""
+    depth, level = 0, [value]
+    while level:
+        level = [child for item in level if isinstance(item, dict | list)
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        depth += 1
+    return depth - 1
+
+
 def check_schema(schema: dict | None, param: str) -> None:
     if schema is None:
         return
+    if nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise bad_request(f"The JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.",
+                          param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise bad_request(f"Invalid JSON schema: {e.message}", param) from e
+    except RecursionError as e:  # self-referencing or deep $refs
+        raise bad_request("The JSON schema is nested too deeply.", param) from e
 
 
 def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits,
@@ -100,7 +120,7 @@ def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits
                           "logprobs")
     bias: dict[int, float] = {}
     for key, value in (request.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
+        if not TOKEN_ID.fullmatch(key):
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
         bias[int(key)] = value
     check_token_ids(list(bias), limits.vocab_size, "logit_bias")
