@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 
 from app.errors import bad_request
 from app.protocol import ChatMessage, Tool
+from app.special_tokens import Masker, SpecialTokens
 
 TOOLS_PROMPT = """# Tools
 
@@ -67,6 +69,22 @@ def parse_arguments(arguments: str) -> Any:
         return arguments
 
 
+@dataclass
+class ChatPrompt:
+    """Rendered chat text whose client strings are masked (see app/special_tokens.py)."""
+
+    masked: str
+    masker: Masker
+    special: SpecialTokens
+
+    @property
+    def text(self) -> str:
+        return self.masker.unmask(self.masked)
+
+    def token_ids(self) -> list[int]:
+        return self.special.encode(self.masked, self.masker)
+
+
 class ChatTemplate:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -74,6 +92,7 @@ class ChatTemplate:
         self.knows_tools = "tools" in source
         self.knows_tool_calls = "tool_calls" in source
         self.reserved = reserved_kwargs(tokenizer)
+        self.special = SpecialTokens(tokenizer)
 
     def conversation(self, messages: list[ChatMessage], tools: list[Tool] | None) -> list[dict]:
         conversation = []
@@ -142,6 +161,19 @@ class ChatTemplate:
             raise bad_request(f"The chat template could not render these messages: {e}",
                               "messages") from e
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of rendered chat text; the template already wrote any special tokens."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def prompt(self, messages: list[ChatMessage], tools: list[Tool] | None = None,
+               add_generation_prompt: bool = True, continue_final_message: bool = False,
+               template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
+        """The prompt of a request: rendered with every client string masked, so only the
+        template's own special tokens parse as such."""
+        masker = self.special.masker()
+        try:
+            messages = [ChatMessage.model_validate(masker.mask(m.model_dump(exclude_unset=True)))
+                        for m in messages]
+            tools = [Tool.model_validate(masker.mask(t.model_dump(exclude_unset=True)))
+                     for t in tools] if tools else None
+        except RecursionError as e:
+            raise bad_request("The messages or tools are nested too deeply.", "messages") from e
+        masked = self.render(messages, tools, add_generation_prompt, continue_final_message,
+                             masker.mask(template_kwargs or {}))
+        return ChatPrompt(masked, masker, self.special)

@@ -7,6 +7,7 @@ import uuid
 import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.chat_output import ChoiceOutput
 from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
@@ -15,7 +16,7 @@ from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.logprobs import chat_logprobs
 from app.metrics import GenerationTimer
-from app.params import chat_schema, per_choice, sampling_params
+from app.params import check_prompt_chars, chat_schema, per_choice, sampling_params
 from app.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -26,6 +27,7 @@ from app.protocol import (
     Usage,
 )
 from app.streaming import ChatChunks, EventStream, sse_body
+from workers.sampling_params import SamplingParams
 
 
 def usage_of(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:
@@ -42,20 +44,10 @@ async def create_chat_completion(ingress: Ingress, request: ChatCompletionReques
     tools_on = bool(request.tools) and request.tool_choice != "none"
     forced = tools_on and (request.tool_choice == "required"
                            or isinstance(request.tool_choice, NamedToolChoice))
-    schema = chat_schema(request)
-    prompt = ingress.template.render(
-        request.messages, request.tools if tools_on else None,
-        add_generation_prompt=request.add_generation_prompt,
-        continue_final_message=request.continue_final_message,
-        template_kwargs=request.chat_template_kwargs)
-    prompt_ids = ingress.template.encode(prompt)
-    max_tokens = request.max_completion_tokens
-    if max_tokens is None:
-        max_tokens = request.max_tokens
+    # rendering, tokenizing and schema checks of large inputs must not hold up the event loop
+    prompt, prompt_ids = await run_in_threadpool(chat_prompt, ingress, request, tools_on)
     top_n = request.top_logprobs or 0
-    params = sampling_params(request, prompt_len=len(prompt_ids), limits=ingress.limits,
-                             max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
-                             json_schema=schema, what="messages")
+    params = await run_in_threadpool(chat_params, ingress, request, len(prompt_ids), top_n)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     ingress.log_prompt(response_id, prompt)
     jobs = [Job(i, prompt_ids, per_choice(params, i), f"{response_id}-{i}")
@@ -90,6 +82,27 @@ async def create_chat_completion(ingress: Ingress, request: ChatCompletionReques
         usage=usage_of(len(prompt_ids), choices))
     raw.state.finish_reason = response.choices[0].finish_reason
     return JSONResponse(response.model_dump())
+
+
+def chat_prompt(ingress: Ingress, request: ChatCompletionRequest,
+                tools_on: bool) -> tuple[str, list[int]]:
+    prompt = ingress.template.prompt(
+        request.messages, request.tools if tools_on else None,
+        add_generation_prompt=request.add_generation_prompt,
+        continue_final_message=request.continue_final_message,
+        template_kwargs=request.chat_template_kwargs)
+    check_prompt_chars(len(prompt.masked), ingress.limits, "messages")
+    return prompt.text, prompt.token_ids()
+
+
+def chat_params(ingress: Ingress, request: ChatCompletionRequest, prompt_len: int,
+                top_n: int) -> SamplingParams:
+    max_tokens = request.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = request.max_tokens
+    return sampling_params(request, prompt_len=prompt_len, limits=ingress.limits,
+                           max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
+                           json_schema=chat_schema(request), what="messages")
 
 
 async def collect(fanout: Fanout, choices: list[ChoiceOutput], timer: GenerationTimer) -> None:

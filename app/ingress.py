@@ -12,7 +12,7 @@ from app.chat import ChatTemplate
 from app.errors import bad_request, model_not_found
 from app.logprobs import TokenTexts
 from app.metrics import Metrics
-from app.params import Limits
+from app.params import Limits, prompt_chars_bound
 from app.settings import Settings
 
 logger = logging.getLogger("pagoda.api")
@@ -40,7 +40,10 @@ class Ingress:
             client=client, settings=settings, tokenizer=tokenizer,
             template=ChatTemplate(tokenizer), texts=TokenTexts(tokenizer),
             metrics=Metrics(name, stats if callable(stats) else None), model_name=name,
-            limits=Limits(config.max_model_len, vocab_size, settings.max_n),
+            limits=Limits(config.max_model_len, vocab_size, settings.max_n,
+                          prompt_chars_bound(config.max_model_len, tokenizer),
+                          settings.max_choices or config.max_num_seqs
+                          + config.max_waiting_requests),
         )
 
     def check_model(self, name: str | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import jsonschema
 
@@ -22,6 +23,33 @@ class Limits:
     max_model_len: int
     vocab_size: int
     max_n: int
+    max_prompt_chars: int | None = None  # longer text cannot fit the context, however tokenized
+    max_choices: int | None = None  # engine calls one request may have at once (prompts x n)
+
+
+def prompt_chars_bound(max_model_len: int, tokenizer: Any) -> int:
+    """Characters beyond which no text fits max_model_len tokens: no token covers more
+    characters than the longest vocabulary entry (4x spare for normalizers that merge)."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_model_len * longest * 4
+
+
+def check_choices(prompts: int, n: int, limits: Limits) -> None:
+    """Every choice of a request runs at once: more than the replicas hold can never start."""
+    if limits.max_choices is not None and prompts * n > limits.max_choices:
+        raise bad_request(
+            f"This request asks for {prompts * n} completions ({prompts} prompts x n={n}), "
+            f"more than the {limits.max_choices} the model replicas can hold at once. Send "
+            "fewer prompts per request or a smaller n.", "n" if n > 1 else "prompt")
+
+
+def check_prompt_chars(chars: int, limits: Limits, what: str) -> None:
+    """A text too long for the context is rejected before it is tokenized."""
+    if limits.max_prompt_chars is not None and chars > limits.max_prompt_chars:
+        raise ContextLengthError(
+            f"This model's maximum context length is {limits.max_model_len} tokens. However, "
+            f"your {what} has {chars} characters, more than that many tokens could hold. "
+            f"Please reduce the length of the {what}.", what)
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:

@@ -2,8 +2,14 @@
 where in a library it failed."""
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import threading
+import time
+
 import httpx
 import pytest
+from live_server import serve
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +126,72 @@ def test_tool_names_at_the_limit_work(http):
     name = "a-Z_0" * 12 + "abcd"
     tool = {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
     assert len(name) == 64 and chat(http, tools=[tool]).status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain",
+                                          "multipart/form-data; boundary=x"])
+def test_bodies_that_are_not_json_are_415(http, content_type):
+    response = http.post("/v1/chat/completions", content=b'{"messages": []}',
+                         headers={"content-type": content_type})
+    assert error_of(response, 415)["code"] == "unsupported_media_type"
+
+
+def test_json_content_types_are_accepted(http):
+    body = b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}'
+    for headers in ({"content-type": "application/json; charset=utf-8"}, {}):
+        response = http.post("/v1/chat/completions", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+
+
+def test_bodies_over_the_limit_are_413(engine):
+    live = serve(engine, max_request_bytes=4096)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            long = [{"role": "user", "content": "x" * 5000}]
+            error = error_of(http.post("/v1/chat/completions", json={"messages": long}), 413)
+            assert error["code"] == "request_too_large" and "4096" in error["message"]
+            # no Content-Length: the body is counted as it arrives
+            chunks = (b'{"messages": [{"role": "user", "content": "' + b"x" * 1000
+                      for _ in range(8))
+            response = http.post("/tokenize", content=chunks,
+                                 headers={"content-type": "application/json"})
+            assert error_of(response, 413)["code"] == "request_too_large"
+            assert chat(http).status_code == 200
+    finally:
+        live.stop()
+
+
+def test_prompts_times_n_beyond_the_queues_is_400(http, engine):
+    room = engine.config.max_num_seqs + engine.config.max_waiting_requests
+    prompts = ["Hi"] * (room // 2 + 1)
+    response = http.post("/v1/completions", json={"prompt": prompts, "n": 2, "max_tokens": 1})
+    error = error_of(response, 400)
+    assert error["param"] == "n" and str(room) in error["message"]
+
+
+def test_huge_chat_prompt_is_400_before_tokenizing(http):
+    huge = [{"role": "user", "content": "word " * 400_000}]
+    error = error_of(http.post("/v1/chat/completions", json={"messages": huge}), 400)
+    assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+
+
+def test_tokenizing_a_large_input_does_not_stall_the_ingress(server):
+    """/health answers while a 4 MB prompt is being tokenized; on the event loop it could not."""
+    data = json.dumps({"prompt": "many words to count " * 200_000}).encode()
+    uploaded = threading.Event()
+
+    def body():
+        for start in range(0, len(data), 1 << 16):
+            yield data[start:start + (1 << 16)]
+        uploaded.set()
+
+    with httpx.Client(base_url=server.url, timeout=300) as slow, \
+            httpx.Client(base_url=server.url, timeout=300) as quick, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenizing = pool.submit(slow.post, "/tokenize", content=body(),
+                                 headers={"content-type": "application/json"})
+        assert uploaded.wait(120)
+        time.sleep(0.2)  # the server has parsed the body and is tokenizing (for seconds)
+        assert quick.get("/health").status_code == 200
+        assert not tokenizing.done(), "/health waited for the tokenizer"
+        assert tokenizing.result().json()["count"] > 100_000
