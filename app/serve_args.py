@@ -115,6 +115,8 @@ class ApiArgs(BaseModel):
     log_prompts: bool | None = None
     retry_after_s: int | None = Field(None, ge=0)
     max_request_bytes: int | None = Field(None, ge=1)
+    response_store_records: int | None = Field(None, ge=1)
+    response_store_mb: int | None = Field(None, ge=1)
 
 
 class PagodaArgs(BaseModel):
