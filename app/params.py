@@ -13,7 +13,6 @@ from app.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest,
 from workers.errors import ContextLengthError
 from workers.sampling_params import MAX_LOGPROBS, SamplingParams
 
-
 TOKEN_ID = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: "²" and "１" pass isdigit()
 MAX_SCHEMA_DEPTH = 64  # levels of objects and arrays; validators recurse once per level
 
