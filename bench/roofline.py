@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from workers.model import ModelConfig
+from workers.engine.model import ModelConfig
 
 
 def _best_seconds(fn, repeats: int = 5) -> float:

@@ -89,7 +89,6 @@ def test_unknown_model_is_404(http):
     (b"", {"content-type": "application/json"}),
     (b"[1, 2]", {"content-type": "application/json"}),
     (b"\xff\xfe\xfa", {"content-type": "application/json"}),
-    (b"messages=hi", {"content-type": "application/x-www-form-urlencoded"}),
 ])
 def test_non_json_bodies_are_400(http, content, headers):
     error_of(http.post("/v1/chat/completions", content=content, headers=headers), 400)
@@ -152,8 +151,8 @@ def test_api_key(engine):
 def test_full_queue_is_503_with_retry_after(model_dir):
     from app.api import build_app
     from app.settings import Settings
-    from workers.async_engine import AsyncLLMEngine
-    from workers.config import EngineConfig
+    from workers.engine.async_engine import AsyncLLMEngine
+    from workers.engine.config import EngineConfig
 
     full = AsyncLLMEngine(EngineConfig(model=model_dir, max_model_len=MAX_MODEL_LEN,
                                        num_kv_blocks=16, max_waiting_requests=0))

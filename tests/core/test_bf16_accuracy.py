@@ -13,9 +13,9 @@ import textwrap
 
 import pytest
 
-from workers.config import EngineConfig
-from workers.llm_engine import LLMEngine
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

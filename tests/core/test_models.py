@@ -12,13 +12,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from kernels import cpu_paged_decode
-from workers.block_manager import BlockManager
-from workers.config import EngineConfig
-from workers.model_runner import ModelRunner
-from workers.sampling_params import SamplingParams
-from workers.scheduler import Scheduler
-from workers.sequence import Sequence
+from workers.engine import cpu_attention
+from workers.engine.block_manager import BlockManager
+from workers.engine.config import EngineConfig
+from workers.engine.model_runner import ModelRunner
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import Scheduler
+from workers.engine.sequence import Sequence
 
 SMALL = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -34,7 +34,7 @@ CASES = {
 
 # The CPU C++ decode kernel where it builds; on a GPU the Triton backend with CUDA-graph decode.
 BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() else
-                        ["cpu"] if cpu_paged_decode.load() is not None else [])
+                        ["cpu"] if cpu_attention.load() is not None else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

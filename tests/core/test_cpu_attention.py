@@ -1,0 +1,90 @@
+"""The C++ CPU paged decode against the gather-and-softmax reference, and the fallback without it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.reference import paged_decode_ref
+from workers.engine import cpu_attention
+from workers.engine.attention import TorchBackend
+from workers.engine.backends import get_backend
+from workers.engine.cpu_attention import CpuBackend
+
+needs_kernel = pytest.mark.skipif(cpu_attention.load() is None,
+                                  reason="the C++ kernel did not build on this machine")
+TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+             torch.float16: {"atol": 5e-3, "rtol": 5e-3},
+             torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
+# (group, head_dim, block_size): GQA ratios 1/3/8, head dims 64/128 and an odd one, block sizes
+SHAPES = [(1, 64, 16), (3, 64, 16), (3, 128, 8), (8, 64, 32), (1, 128, 1), (3, 80, 12)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def cpu_case(group: int, head_dim: int, block_size: int, dtype: torch.dtype,
+             seq_lens: list[int], num_kv_heads: int = 2):
+    """Caches with each sequence's blocks scattered at random; tables padded with block 0."""
+    need = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(need) + 3
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    perm = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
+    for i, k in enumerate(need):
+        tables[i, :k] = torch.tensor(perm[:k], dtype=torch.int32)
+        perm = perm[k:]
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, dtype=dtype)
+    return q, k_cache, v_cache, tables, lens
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,head_dim,block_size", SHAPES)
+def test_matches_reference(group, head_dim, block_size, dtype):
+    # length 1, a full block, one past a block boundary, several blocks with a partial last one
+    seq_lens = [1, block_size, block_size + 1, 3 * block_size + 5, 300]
+    q, k_cache, v_cache, tables, lens = cpu_case(group, head_dim, block_size, dtype, seq_lens)
+    out = cpu_attention.paged_decode_cpu(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    ref = paged_decode_ref(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@needs_kernel
+def test_large_scores_and_zero_length_rows():
+    """Scores far from zero stay exact (softmax subtracts the max); a length-0 row is zeros."""
+    q, k_cache, v_cache, tables, lens = cpu_case(3, 64, 16, torch.float32, [40, 0, 7])
+    q *= 30
+    out = cpu_attention.paged_decode_cpu(q, k_cache, v_cache, tables, lens, 0.125)
+    ref = paged_decode_ref(q, k_cache, v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+    assert torch.all(out[1] == 0)
+
+
+@needs_kernel
+def test_rejects_mismatched_inputs():
+    q, k_cache, v_cache, tables, lens = cpu_case(3, 64, 16, torch.float32, [5, 9])
+    with pytest.raises(RuntimeError, match="int32"):
+        cpu_attention.paged_decode_cpu(q, k_cache, v_cache, tables.long(), lens, 0.1)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu_attention.paged_decode_cpu(q.bfloat16(), k_cache, v_cache, tables, lens, 0.1)
+
+
+@needs_kernel
+def test_auto_backend_on_cpu_is_the_kernel():
+    assert isinstance(get_backend("auto", torch.device("cpu")), CpuBackend)
+
+
+def test_without_a_compiler_falls_back_to_torch(monkeypatch, tmp_path):
+    """A machine where the extension cannot build serves from the PyTorch path."""
+    cpu_attention.load.cache_clear()
+    monkeypatch.setenv("PAGODA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    try:
+        assert cpu_attention.load() is None
+        backend = get_backend("auto", torch.device("cpu"))
+        assert type(backend) is TorchBackend
+        with pytest.raises(RuntimeError, match="could not be built"):
+            get_backend("cpu", torch.device("cpu"))
+    finally:
+        cpu_attention.load.cache_clear()

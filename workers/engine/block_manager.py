@@ -1,0 +1,118 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, ref counts, and automatic prefix caching.
+
+A full block is identified by a hash chained over every token before it, so two sequences
+with the same prefix share the same physical blocks. Freed blocks keep their hash and stay
+reusable until the LRU free list hands them out again.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from workers.engine.block_hash import compute_block_hashes  # noqa: F401  (re-exported for routers)
+from workers.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set while the block is registered in the prefix cache
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free = OrderedDict.fromkeys(range(num_blocks))  # front is evicted first
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found cached
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def cached_hashes(self) -> list[int]:
+        return list(self.cached)
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of cached blocks matching seq's leading full blocks (leaving a token to compute)."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes = seq.block_hashes(self.block_size)
+        found = []
+        for h in hashes[: (seq.num_tokens - 1) // self.block_size]:
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            found.append(block_id)
+        return found
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] | None = None) -> bool:
+        """Give seq blocks for num_new_tokens more tokens; False (and no change) if out of blocks.
+
+        `cached` are prefix-cache hits for a sequence that holds no blocks yet.
+        """
+        cached = cached or []
+        base = len(cached) * self.block_size if cached else seq.num_computed_tokens
+        reused_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        needed = self.blocks_needed(base + num_new_tokens) - len(seq.block_table) - len(cached)
+        if needed + reused_free > self.num_free_blocks:
+            return False
+        for block_id in cached:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        for _ in range(max(needed, 0)):
+            seq.block_table.append(self._take_free())
+        return True
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict it from the prefix cache
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block_id
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register seq's newly computed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        hashes = seq.block_hashes(self.block_size)
+        for i in range(seq.num_registered_blocks, min(full, len(hashes))):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and hashes[i] not in self.cached:
+                block.hash = hashes[i]
+                self.cached[hashes[i]] = block.block_id
+        seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+
+    def free_seq(self, seq: Sequence) -> None:
+        # Reverse order: a sequence's tail blocks are the least likely to be shared, evict first.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                if block.hash is None:
+                    self.free.move_to_end(block_id, last=False)  # worthless: reuse first
+        seq.block_table = []
+        seq.num_registered_blocks = 0

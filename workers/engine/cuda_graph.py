@@ -1,0 +1,122 @@
+"""Decode steps captured as CUDA graphs, one graph per batch-size bucket.
+
+    runner = CudaGraphRunner(model, kv_caches, GraphShape(max_num_seqs=..., max_blocks_per_seq=...,
+                             max_model_len=...), device, enabled=cfg.cuda_graphs)
+    runner.capture()                   # once, after weights are loaded and the KV cache exists
+    if runner.can_run(meta):           # decode-only batch with at most max_num_seqs sequences
+        hidden = runner.run(input_ids, positions, meta)         # [num_seqs, hidden_size]
+    else:
+        hidden = model(input_ids, positions, kv_caches, meta)
+
+`model(input_ids[T], positions[T], kv_caches, meta) -> hidden[T, hidden_size]` is called with
+`meta` built from static buffers; logits are left to the caller, outside the graph. The result of
+`run` is a view of a static buffer that the next `run` overwrites.
+
+A batch of n sequences replays the smallest bucket b >= n. Its padded rows get input id 0,
+position 0, slot `pad_slot` and seq_len 0, so attention reads no key for them. Our Triton
+`kv_write` (TritonBackend and FlashBackend) skips slot -1; TorchBackend would index slot -1 from
+the end, so with it reserve one dummy KV block and pass its first slot as `pad_slot`.
+Inside the graph `meta.max_seq_len` is `max_model_len` (paged decode only sizes its split-K
+grid from it) and the `*_cpu` lists describe the bucket, not the live batch: the model's
+decode path must read only the device tensors. On CPU the runner is disabled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.attention import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    max_num_seqs: int
+    max_blocks_per_seq: int
+    max_model_len: int
+
+    @property
+    def buckets(self) -> list[int]:
+        """1, 2, 4, 8, then every 8 up to max_num_seqs, which is always the last."""
+        sizes = [b for b in (1, 2, 4, 8) if b < self.max_num_seqs]
+        sizes += list(range(16, self.max_num_seqs, 8))
+        return sizes + [self.max_num_seqs]
+
+
+class CudaGraphRunner:
+    def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 shape: GraphShape, device: torch.device | str, enabled: bool = True,
+                 pad_slot: int = -1) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.shape = shape
+        self.device = torch.device(device)
+        self.enabled = enabled and self.device.type == "cuda"
+        self.pad_slot = pad_slot
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if not self.enabled:
+            return
+        n, width = shape.max_num_seqs, shape.max_blocks_per_seq
+        kw = {"device": self.device}
+        self.input_ids = torch.zeros(n, dtype=torch.int64, **kw)
+        self.positions = torch.zeros(n, dtype=torch.int64, **kw)
+        self.slot_mapping = torch.full((n,), pad_slot, dtype=torch.int64, **kw)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, **kw)
+        self.block_tables = torch.zeros(n, width, dtype=torch.int32, **kw)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, **kw)
+
+    def capture(self) -> None:
+        """Captures every bucket, largest first so the smaller ones reuse its memory pool."""
+        if not self.enabled or self.graphs:
+            return
+        pool = None
+        for size in reversed(self.shape.buckets):
+            meta = self._meta(size)
+            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+            # warm-up compiles kernels; padded inputs write and read no KV slot
+            self.model(*args)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return (bool(self.graphs) and meta.decode_only
+                and 0 < meta.num_seqs <= self.shape.max_num_seqs
+                and meta.block_tables.shape[1] <= self.shape.max_blocks_per_seq)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        if not self.can_run(meta):
+            raise ValueError("batch cannot replay a graph: needs decode-only, "
+                             f"1..{self.shape.max_num_seqs} sequences, captured graphs")
+        n = meta.num_seqs
+        size = next(b for b in self.shape.buckets if b >= n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.slot_mapping[n:size].fill_(self.pad_slot)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        self.seq_lens[n:size].fill_(0)
+        # entries past a row's last block are never read, so stale ones may stay
+        width = meta.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            query_start_loc_cpu=list(range(size + 1)),
+            query_lens_cpu=[1] * size,
+            seq_lens_cpu=[self.shape.max_model_len] * size,
+            max_query_len=1,
+            max_seq_len=self.shape.max_model_len,
+        )

@@ -1,0 +1,241 @@
+"""The synchronous engine: add_request, step (schedule -> run -> sample -> postprocess), abort."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import AutoTokenizer
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.config import EngineConfig
+from workers.engine.detokenizer import Detokenizer
+from workers.engine.errors import ContextLengthError, InvalidRequestError
+from workers.engine.fault_injection import FaultInjector
+from workers.engine.model_runner import ModelRunner
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampler import Sampler
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import ScheduledBatch, Scheduler
+from workers.engine.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger("pagoda.engine")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.runner = ModelRunner(config)
+        self.vocab_size = self.runner.model_config.vocab_size
+        self.eos_token_ids = self._eos_token_ids()
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
+        self._grammar = None  # GrammarCompiler, built on the first constrained request
+        self.seqs: dict[str, Sequence] = {}
+        self.faults = FaultInjector(config.fault_marker, self.tokenizer)
+        self.failed: list[tuple[str, Exception]] = []  # (request id, error) of the last step
+        self.last_step_time = 0.0  # seconds in the last model forward
+        self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        eos = self.config.hf_config.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    @property
+    def grammar_compiler(self):
+        if self._grammar is None:
+            from workers.engine.grammar import GrammarCompiler  # xgrammar is only needed here
+
+            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size,
+                                            sorted(self.eos_token_ids))
+        return self._grammar
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise a typed error if the request cannot be served; changes no state."""
+        limit = self.config.max_model_len
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("The prompt is empty.", param="prompt")
+        if n >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {n} tokens, leaving no room for output.", param="messages")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
+                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        bad += [t for t in list(params.logit_bias) + params.stop_token_ids
+                if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.vocab_size}).", param="prompt")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already running.")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        if params.json_schema is not None:
+            seq.grammar = self.grammar_compiler.matcher(params.json_schema)
+        seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
+                                      params.skip_special_tokens)
+        self.seqs[request_id] = seq
+        self.faults.watch(request_id, seq.prompt_token_ids)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return self._output(seq, [], [], "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """The request is over: its blocks go back and the engine forgets it."""
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+        self.faults.forget(seq.request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step. Requests whose step raised are in `failed` afterwards, not returned."""
+        start = time.perf_counter()
+        self.failed = []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        # decodes first, shortest context first: attention backends batch them in slices
+        order = sorted(range(len(batch)), key=lambda i: (batch.num_new_tokens[i] > 1,
+                                                         batch.seqs[i].num_computed_tokens))
+        batch.seqs = [batch.seqs[i] for i in order]
+        batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
+        self.last_step_time = 0.0
+        outputs = self._run(batch)
+        self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
+        return outputs
+
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Run a batch; if it raises, run each half alone, so a request that breaks every step
+        it is in fails by itself. Nothing is committed before the forward and sampling succeed,
+        and a rerun rewrites the same KV slots."""
+        try:
+            self.faults.check([s.request_id for s in batch.seqs])
+            forward_start = time.perf_counter()
+            logits = self.runner.execute(batch)
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize()  # free: sampling syncs right after; keeps timing honest
+            self.last_step_time += (time.perf_counter() - forward_start
+                                    - self.runner.last_prepare_time)
+            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
+                        if s.num_computed_tokens + n == s.num_tokens]
+            sampled = self.sampler(logits.sample, sampling) if sampling else None
+        except Exception as e:
+            if len(batch) > 1:
+                first, second = batch.split()
+                return self._run(first) + self._run(second)
+            seq = batch.seqs[0]
+            log.exception("request %s failed inside an engine step", seq.request_id)
+            self._finish(seq, "error")
+            self.failed.append((seq.request_id, e))
+            return []
+        for i, prompt_logits in logits.prompt.items():
+            self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+        return [self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i])
+                for i, seq in enumerate(sampling)]
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        seq.token_ids.append(token)
+        params = seq.params
+        finish, stop_reason = None, None
+        min_done = seq.num_output_tokens >= params.min_tokens
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        if (token in params.stop_token_ids or is_eos) and min_done:
+            # the stop token's own text is not part of the output
+            finish, stop_reason = "stop", token if token in params.stop_token_ids else None
+        else:
+            stop_str = seq.detokenizer.add_token(token, check_stop=min_done)
+            if stop_str is not None:
+                finish, stop_reason = "stop", stop_str
+            elif seq.grammar is not None and seq.grammar.terminated:
+                finish = "stop"
+        if finish is None and ((params.max_tokens is not None and
+                                seq.num_output_tokens >= params.max_tokens) or
+                               seq.num_tokens >= self.config.max_model_len):
+            finish = "length"
+        if finish is not None:
+            seq.stop_reason = stop_reason
+            self._finish(seq, finish)
+        return self._output(seq, [token], [logprob] if logprob is not None else [], finish)
+
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        begin = seq.num_computed_tokens  # not yet advanced for this step
+        targets = seq.prompt_token_ids[begin + 1:begin + 1 + logits.shape[0]]
+        if begin == 0:  # (re)starting the prompt, also after a preemption
+            seq.prompt_logprobs = [None]  # the first token has no context to be predicted from
+        seq.prompt_logprobs += self.sampler.token_logprobs(logits, targets,
+                                                           seq.params.prompt_logprobs)
+
+    def _output(self, seq: Sequence, tokens: list[int], logprobs: list,
+                finish: str | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=seq.detokenizer.take(finished=finish is not None),
+            token_ids=tokens,
+            logprobs=logprobs if seq.params.logprobs is not None else None,
+            finish_reason=finish,
+            stop_reason=seq.stop_reason,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_output_tokens,
+            cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=self._take_prompt_logprobs(seq),
+        )
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list | None:
+        """Prompt logprobs ride on a request's first output only."""
+        if seq.params.prompt_logprobs is None or seq.num_output_tokens > 1 or \
+                seq.prompt_logprobs is None:
+            return None
+        taken, seq.prompt_logprobs = seq.prompt_logprobs, []
+        return taken or None
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "kv_usage": bm.usage,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "cached_block_hashes": bm.cached_hashes(),
+        }
+
+    def abort_all(self, reason: str = "abort") -> list[Sequence]:
+        """Drop every request (after an engine fault); returns the dropped sequences."""
+        dropped = list(self.seqs.values())
+        for seq in dropped:
+            if seq.status != SequenceStatus.FINISHED:
+                self._finish(seq, reason)
+        self.seqs.clear()
+        return dropped

@@ -1,0 +1,144 @@
+"""Turn one step's logits into next tokens, vectorized over the batch.
+
+Order: logit_bias, penalties, min_tokens/grammar masks, then greedy or
+temperature -> top-k -> top-p -> min-p -> sample. Logprobs are the model's raw log-softmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.outputs import TokenLogprob
+from workers.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits[:, : self.vocab_size].float()
+        want_logprobs = [s.params.logprobs for s in seqs]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(
+            k is not None for k in want_logprobs) else None
+        logits = logits.clone() if raw_logprobs is None else logits
+        self._apply_bias(logits, seqs)
+        self._apply_penalties(logits, seqs)
+        self._apply_masks(logits, seqs)
+        tokens = self._sample(logits, seqs)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, want_logprobs))
+
+    def _apply_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows, cols, vals = [], [], []
+        for i, s in enumerate(seqs):
+            for token, bias in s.params.logit_bias.items():
+                rows.append(i), cols.append(token), vals.append(bias)
+        if rows:
+            logits[rows, cols] += torch.tensor(vals, device=logits.device)
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        idx = [i for i, s in enumerate(seqs) if s.params.presence_penalty or
+               s.params.frequency_penalty or s.params.repetition_penalty != 1.0]
+        if not idx:
+            return
+        device = logits.device
+        sub = logits[idx]
+        out_counts = torch.zeros_like(sub)
+        seen = torch.zeros_like(sub, dtype=torch.bool)  # prompt or output
+        for row, i in enumerate(idx):
+            out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=device)
+            out_counts[row].index_add_(0, out, torch.ones_like(out, dtype=sub.dtype))
+            seen[row, torch.tensor(seqs[i].token_ids, dtype=torch.long, device=device)] = True
+        params = [seqs[i].params for i in idx]
+        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        sub -= freq * out_counts + pres * (out_counts > 0)
+        logits[idx] = sub
+
+    def _apply_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for i, s in enumerate(seqs):
+            if s.num_output_tokens < s.params.min_tokens:
+                banned = list(s.params.stop_token_ids)
+                if not s.params.ignore_eos:
+                    banned += list(self.eos_token_ids)
+                logits[i, banned] = -float("inf")
+            if s.grammar is not None:
+                s.grammar.mask_logits(logits[i])
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        argmax = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return argmax
+        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
+        logits = logits / temps[:, None]
+        logits = self._top_k_top_p_min_p(logits, seqs)
+        probs = torch.softmax(logits, dim=-1)
+        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p.
+        noise = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                noise[i].exponential_(generator=s.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, argmax, sampled)
+
+    def _top_k_top_p_min_p(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        use_k = any(p.top_k > 0 for p in params)
+        use_p = any(p.top_p < 1.0 for p in params)
+        use_min_p = any(p.min_p > 0 for p in params)
+        device, vocab = logits.device, logits.shape[-1]
+        if use_k or use_p:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            if use_k:
+                k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+                ranks = torch.arange(vocab, device=device)[None, :]
+                sorted_logits.masked_fill_(ranks >= k[:, None], -float("inf"))
+            if use_p:
+                top_p = torch.tensor([p.top_p for p in params], device=device)
+                cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+                # keep a token while the mass before it is below top_p (the top token always)
+                sorted_logits.masked_fill_(cum - sorted_logits.softmax(-1) >= top_p[:, None],
+                                           -float("inf"))
+            logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        if use_min_p:
+            min_p = torch.tensor([p.min_p for p in params], device=device)
+            probs = logits.softmax(dim=-1)
+            threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+            logits = logits.masked_fill(probs < threshold, -float("inf"))
+        return logits
+
+    def token_logprobs(self, logits: torch.Tensor, targets: list[int],
+                       top_n: int) -> list[TokenLogprob]:
+        """Logprobs of given tokens (row i scored against targets[i]) with top_n alternatives."""
+        raw = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+        return self._logprobs(raw, targets, [top_n] * len(targets))
+
+    def _logprobs(self, raw: torch.Tensor | None, tokens: list[int],
+                  want: list[int | None]) -> list[TokenLogprob | None]:
+        if raw is None:
+            return [None] * len(tokens)
+        k = max(w or 0 for w in want)
+        top_vals, top_ids = raw.topk(k, dim=-1) if k else (None, None)
+        chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1)
+        chosen = chosen.tolist()
+        result: list[TokenLogprob | None] = []
+        for i, w in enumerate(want):
+            if w is None:
+                result.append(None)
+                continue
+            top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist())) if w else []
+            result.append((tokens[i], chosen[i], top))
+        return result

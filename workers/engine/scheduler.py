@@ -1,0 +1,116 @@
+"""Continuous batching: every step mixes running decodes with chunked prefills under a token budget.
+
+Running sequences are served first (FCFS), then waiting ones are admitted while the token
+budget, the sequence limit and free KV blocks allow. When blocks run out, the newest running
+sequence is preempted by recompute: its blocks are freed and it goes back to the front of the
+queue (the prefix cache usually makes the recompute cheap).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def split(self) -> tuple[ScheduledBatch, ScheduledBatch]:
+        half = len(self.seqs) // 2
+        return (ScheduledBatch(self.seqs[:half], self.num_new_tokens[:half]),
+                ScheduledBatch(self.seqs[half:], self.num_new_tokens[half:]))
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, n):
+                victim = self.running.pop()  # newest first
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+        # Admit waiting sequences only when nothing had to be preempted this step.
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            # prompt logprobs need every prompt position computed: no prefix reuse
+            cached = [] if seq.params.prompt_logprobs is not None else \
+                self.block_manager.find_cached_prefix(seq)
+            num_cached = len(cached) * self.block_manager.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate(seq, n, cached):
+                break
+            self.waiting.popleft()
+            self._count_prefix_lookup(seq, num_cached)
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _count_prefix_lookup(self, seq: Sequence, num_cached: int) -> None:
+        if seq.num_preemptions == 0:  # count each prompt once, not its recomputes
+            seq.num_cached_tokens = num_cached
+            self.block_manager.prefix_queries += seq.num_prompt_tokens
+            self.block_manager.prefix_hits += num_cached
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free_seq(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark seq finished and return its blocks; works for waiting and running seqs."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or reason

@@ -1,0 +1,72 @@
+"""One request's state inside the engine."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from workers.engine.block_hash import ROOT_HASH, hash_block
+from workers.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks already in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    generator: Any = None  # torch.Generator for seeded sampling
+    grammar: Any = None  # workers.engine.grammar.Grammar when decoding is constrained
+    detokenizer: Any = None  # workers.engine.detokenizer.Detokenizer
+    prompt_logprobs: list | None = None  # filled during prefill when params ask for them
+    _hashes: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def block_hashes(self, block_size: int) -> list[int]:
+        """Chained hashes of the full blocks of token_ids, extended incrementally."""
+        hashes = self._hashes
+        for i in range(len(hashes), self.num_tokens // block_size):
+            parent = hashes[-1] if hashes else ROOT_HASH
+            block = tuple(self.token_ids[i * block_size:(i + 1) * block_size])
+            hashes.append(hash_block(parent, block))
+        return hashes

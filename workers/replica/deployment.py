@@ -1,0 +1,117 @@
+"""The model-replica Serve deployment: one AsyncLLMEngine per replica.
+
+The ingress streams from `generate` through `handle.options(stream=True)`; Serve cancels the
+call when the client goes away, which closes the engine stream and frees the request's KV
+blocks. Load goes to the LoadTracker a few times a second for the request router.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from workers.engine.config import EngineConfig
+from workers.engine.errors import EngineDeadError
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
+from workers.replica.load_reporter import LoadReporter
+from workers.replica.metrics import ReplicaMetrics
+from workers.router.request_router import PagodaRequestRouter
+
+
+@serve.deployment(
+    name="ModelReplica",
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    graceful_shutdown_timeout_s=30,
+    health_check_period_s=5,
+    request_router_config=RequestRouterConfig(request_router_class=PagodaRequestRouter),
+)
+class ModelReplica:
+    async def __init__(self, engine_config: dict, report_interval_s: float = 0.25) -> None:
+        from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
+
+        config = EngineConfig(**engine_config)
+        self.engine = AsyncLLMEngine(config)
+        runner = self.engine.engine.runner
+        logging.getLogger("ray.serve").info(
+            "engine: dtype %s (%s), attention backend %s, threads %s",
+            str(runner.dtype).removeprefix("torch."), runner.dtype_reason, runner.backend.name,
+            config.num_threads or "all cores")
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.metrics = ReplicaMetrics(model=config.served_model_name, replica=self.replica_id)
+        self.num_requests = 0
+        self.reporter = LoadReporter(self.replica_id, config.block_size, self.read_stats,
+                                     interval_s=report_interval_s)
+        self.reporter.start()
+
+    def read_stats(self) -> dict:
+        stats = self.engine.stats()
+        self.metrics.record_stats(stats)
+        return {**stats, "num_requests": self.num_requests}
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str, arrival_time: float | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Streams the engine's deltas; the last one carries finish_reason."""
+        self.num_requests += 1
+        start = time.time()
+        if arrival_time is not None:
+            self.metrics.queue_time.observe(max(0.0, start - arrival_time))
+        last_token_at: float | None = None
+        final: RequestOutput | None = None
+        status = "error"
+        cancelled = False
+        try:
+            stream = self.engine.generate(prompt_token_ids, params, request_id)
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    self.observe_tokens(out, start, last_token_at)
+                    if out.token_ids:
+                        last_token_at = time.time()
+                    final = out
+                    yield out
+            status = "ok"
+        except (GeneratorExit, asyncio.CancelledError):  # the caller went away
+            status, cancelled = "cancelled", True
+            raise
+        except Exception as e:  # engine errors go back to the ingress as they are
+            status = type(e).__name__
+            raise
+        finally:
+            self.metrics.e2e.observe(time.time() - start)
+            finish = final.finish_reason if final else None
+            self.metrics.record_finish(finish or ("abort" if cancelled else None), status,
+                                       final.prompt_tokens if final else 0,
+                                       final.completion_tokens if final else 0)
+
+    def observe_tokens(self, out: RequestOutput, start: float,
+                       last_token_at: float | None) -> None:
+        if not out.token_ids:
+            return
+        now = time.time()
+        if last_token_at is None:
+            self.metrics.ttft.observe(now - start)
+            return
+        gap = (now - last_token_at) / len(out.token_ids)
+        for _ in out.token_ids:
+            self.metrics.itl.observe(gap)
+
+    def stats(self) -> dict:
+        """Engine stats of this replica, for tests and debugging."""
+        return {**self.engine.stats(), "replica_id": self.replica_id,
+                "num_requests": self.num_requests}
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise EngineDeadError("the engine step loop stopped")
+
+    async def __del__(self) -> None:
+        # Serve calls this after in-flight requests finished or graceful_shutdown_timeout_s
+        await self.reporter.stop()
+        await self.engine.shutdown(drain=True)
