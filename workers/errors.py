@@ -25,3 +25,7 @@ class QueueFullError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine loop stopped; the replica must be restarted."""
+
+
+class WorkerGroupError(EngineDeadError):
+    """A rank of a replica split over devices failed or died; the replica must be replaced."""
