@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 import torch.distributed as dist
 
 from workers.attention import AttentionMetadata, get_backend

@@ -8,6 +8,7 @@ of kind STOP ends their loop.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ class StepPlan:
     @property
     def query_lens(self) -> list[int]:
         starts = self.query_start_loc
-        return [b - a for a, b in zip(starts, starts[1:])]
+        return [b - a for a, b in itertools.pairwise(starts)]
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(header, payload) int64 tensors."""
