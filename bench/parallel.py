@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 
 from bench.results import markdown_table, update_section
-from workers.config import EngineConfig
-from workers.distributed import init_parallel
-from workers.llm import LLM
-from workers.sampling_params import SamplingParams
-from workers.step_plan import StepPlan, receive_plan, send_plan
-from workers.worker import tcp_init_method
+from workers.engine.config import EngineConfig
+from workers.engine.distributed import init_parallel
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.step_plan import StepPlan, receive_plan, send_plan
+from workers.engine.worker import tcp_init_method
 
 BATCHES = (1, 64, 256)
 DECODE_STEPS = 8

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workers.config import EngineConfig
-from workers.llm import LLM
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

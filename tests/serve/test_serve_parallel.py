@@ -32,7 +32,7 @@ def serve_config() -> dict:
 def worker_actor(replica_id: str, rank: int):
     import ray
 
-    from workers.worker_actor import worker_actor_name
+    from workers.replica.worker_actor import worker_actor_name
 
     return ray.get_actor(worker_actor_name(replica_id, rank), namespace="serve")
 

@@ -11,7 +11,7 @@ import multiprocessing
 import socket
 from typing import Protocol
 
-from workers.config import EngineConfig
+from workers.engine.config import EngineConfig
 
 
 class Workers(Protocol):
@@ -30,7 +30,7 @@ def tcp_init_method(host: str = "127.0.0.1") -> str:
 
 def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     """The whole life of a worker rank: load its shard, run plans until the driver stops."""
-    from workers.model_runner import ModelRunner  # torch loads in the worker only
+    from workers.engine.model_runner import ModelRunner  # torch loads in the worker only
 
     ModelRunner(config, rank, init_method).serve_forever()
 

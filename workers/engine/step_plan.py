@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from workers.distributed import ParallelContext
+from workers.engine.distributed import ParallelContext
 
 RUN, STOP = 1, 0
 HEADER = 7  # kind, tokens, seqs, table width, sample rows, prompt-logprob rows, unused

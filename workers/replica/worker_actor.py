@@ -11,8 +11,8 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.config import EngineConfig
-from workers.worker import run_worker, tcp_init_method
+from workers.engine.config import EngineConfig
+from workers.engine.worker import run_worker, tcp_init_method
 
 STOP_TIMEOUT_S = 10.0
 

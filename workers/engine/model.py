@@ -2,7 +2,7 @@
 
 q/k/v and gate/up projections are fused into one matmul each; every layer-level op goes
 through the attention backend so the Triton kernels can replace the torch reference. Split over
-devices, each tensor rank holds its heads and MLP columns (`workers/parallel_layers.py`) and
+devices, each tensor rank holds its heads and MLP columns (`workers/engine/parallel_layers.py`) and
 each pipeline stage its layers; with one device the model is the plain single-process one.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.rope import build_rope_cache
-from workers.attention import AttentionMetadata
-from workers.distributed import ParallelContext, stage_layers
-from workers.parallel_layers import ShardLayout, VocabParallelEmbedding
+from kernels.rope_cache import build_rope_cache
+from workers.engine.attention import AttentionMetadata
+from workers.engine.distributed import ParallelContext, stage_layers
+from workers.engine.parallel_layers import ShardLayout, VocabParallelEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 SUPPORTED = ("llama", "qwen2", "mistral")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.distributed import ParallelContext
+from workers.engine.distributed import ParallelContext
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import os
 import torch
 from safetensors import safe_open
 
-from workers.model import CausalLM
-from workers.parallel_layers import shard_kind
+from workers.engine.model import CausalLM
+from workers.engine.parallel_layers import shard_kind
 
 # HF name suffix -> (our name suffix, shard index within the fused tensor)
 FUSED = {
