@@ -71,7 +71,11 @@ class LLMEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        prior = params.prior_output.token_ids if params.prior_output is not None else []
+        if n + len(prior) >= limit:
+            raise ContextLengthError(f"This model's maximum context length is {limit} tokens; "
+                                     "the resumed request has no room left.", param="max_tokens")
+        bad = [t for t in list(prompt_token_ids) + prior if not 0 <= t < self.vocab_size]
         bad += [t for t in list(params.logit_bias) + params.stop_token_ids
                 if not 0 <= t < self.vocab_size]
         if bad:
@@ -90,9 +94,26 @@ class LLMEngine:
             seq.grammar = self.grammar_compiler.matcher(params.json_schema)
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
+        if params.prior_output is not None:
+            self._replay_prior_output(seq)
         self.seqs[request_id] = seq
         self.faults.watch(request_id, seq.prompt_token_ids)
         self.scheduler.add(seq)
+
+    def _replay_prior_output(self, seq: Sequence) -> None:
+        """Bring a resumed request to where its lost replica left it: the tokens become output,
+        the detokenizer, grammar and seeded generator advance exactly as they did there."""
+        prior = seq.params.prior_output
+        for token in prior.token_ids:
+            seq.token_ids.append(token)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
+            seq.detokenizer.add_token(token, check_stop=seq.num_output_tokens >=
+                                      seq.params.min_tokens)
+            if seq.generator is not None:  # one draw per sampled token, as the sampler does
+                torch.empty(self.vocab_size, device=self.runner.device).exponential_(
+                    generator=seq.generator)
+        seq.detokenizer.skip(prior.num_chars_sent)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.seqs.get(request_id)

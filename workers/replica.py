@@ -51,8 +51,12 @@ class ModelReplica:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, arrival_time: float | None = None,
+                       avoid_replicas: list[str] | None = None,
                        ) -> AsyncIterator[RequestOutput]:
-        """Streams the engine's deltas; the last one carries finish_reason."""
+        """Streams the engine's deltas; the last one carries finish_reason.
+
+        `avoid_replicas` is read by the request router (a resumed request shuns the replicas
+        it was lost on)."""
         self.num_requests += 1
         start = time.time()
         if arrival_time is not None:
@@ -76,6 +80,8 @@ class ModelReplica:
             raise
         except Exception as e:  # engine errors go back to the ingress as they are
             status = type(e).__name__
+            if isinstance(e, EngineDeadError):  # the ingress resumes it elsewhere
+                e.replica_id = self.replica_id
             raise
         finally:
             self.metrics.e2e.observe(time.time() - start)
