@@ -105,7 +105,7 @@ class ReplicaClient:
                     lost.append(e.replica_id)
                 self.num_resumes += 1
                 logger.warning("request %s lost its replica after %d tokens (%s); resuming",
-                               request_id, len(received.token_ids), e)
+                               request_id, len(received.token_ids), type(e.__cause__ or e).__name__)
                 await asyncio.sleep(RESUME_BACKOFF_S * resumes)
 
     async def stream(self, prompt_token_ids: list[int], params: SamplingParams,

@@ -24,13 +24,9 @@ class QueueFullError(EngineError):
 
 
 class EngineDeadError(EngineError):
-    """The engine serving a request is gone (loop stopped, replica died or is stopping); the
+    """The engine serving a request is gone (its loop stopped or its replica died); the
     ingress resumes the request on another replica. `replica_id` names the replica when known."""
 
     def __init__(self, message: str, replica_id: str | None = None) -> None:
         super().__init__(message)
         self.replica_id = replica_id
-
-
-class ReplicaDrainingError(EngineDeadError):
-    """The replica is being stopped and hands its request over to another replica."""
