@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.chat_completions import create_chat_completion
 from app.completions import create_completion
@@ -29,12 +30,19 @@ from app.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from app.responses.protocol import ResponsesRequest
+from app.responses.serving import create_response, delete_response, get_response
+from app.responses.store import LocalStore, ResponseStore
 from app.settings import Settings
 
 
-def build_app(client: Any, settings: Settings | None = None) -> FastAPI:
+def build_app(client: Any, settings: Settings | None = None,
+              store: ResponseStore | None = None) -> FastAPI:
+    """`store` keeps Responses API responses; by default, in this process."""
     settings = settings or Settings.from_env()
     ingress = Ingress.create(client, settings)
+    store = store or LocalStore(settings.response_store_records,
+                                settings.response_store_mb * 2**20)
     app = FastAPI(title="Pagoda", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ingress = ingress
     install_error_handlers(app, settings.retry_after_s)
@@ -49,6 +57,19 @@ def build_app(client: Any, settings: Settings | None = None) -> FastAPI:
     async def completions(raw: Request) -> Response:
         request = await parse_body(raw, CompletionRequest)
         return await create_completion(ingress, request, raw)
+
+    @app.post("/v1/responses")
+    async def responses(raw: Request) -> Response:
+        request = await parse_body(raw, ResponsesRequest)
+        return await create_response(ingress, store, request, raw)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Response:
+        return await get_response(store, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def remove_response(response_id: str) -> Response:
+        return await delete_response(store, response_id)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -86,15 +107,7 @@ def build_app(client: Any, settings: Settings | None = None) -> FastAPI:
         ingress.check_model(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise APIError(400, "Send exactly one of prompt or messages.", param="prompt")
-        if request.messages is not None:
-            text = ingress.template.render(
-                request.messages, request.tools,
-                add_generation_prompt=request.add_generation_prompt,
-                template_kwargs=request.chat_template_kwargs)
-            tokens = ingress.template.encode(text)
-        else:
-            tokens = ingress.tokenizer.encode(request.prompt,
-                                              add_special_tokens=request.add_special_tokens)
+        tokens = await run_in_threadpool(tokenize_request, ingress, request)
         return JSONResponse(TokenizeResponse(tokens=tokens, count=len(tokens),
                                              max_model_len=ingress.limits.max_model_len)
                             .model_dump())
@@ -104,10 +117,19 @@ def build_app(client: Any, settings: Settings | None = None) -> FastAPI:
         request = await parse_body(raw, DetokenizeRequest)
         ingress.check_model(request.model)
         check_token_ids(request.tokens, ingress.limits.vocab_size, "tokens")
-        text = ingress.tokenizer.decode(request.tokens)
+        text = await run_in_threadpool(ingress.tokenizer.decode, request.tokens)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     return app
+
+
+def tokenize_request(ingress: Ingress, request: TokenizeRequest) -> list[int]:
+    """The token ids a generation request with these messages or this prompt would use."""
+    if request.messages is not None:
+        return ingress.template.prompt(
+            request.messages, request.tools, add_generation_prompt=request.add_generation_prompt,
+            template_kwargs=request.chat_template_kwargs).token_ids()
+    return ingress.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
 
 
 def model_card(ingress: Ingress) -> ModelCard:

@@ -5,17 +5,24 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
+from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import bad_request
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.logprobs import completion_logprobs, merge_completion_logprobs
 from app.metrics import GenerationTimer
-from app.params import check_token_ids, per_choice, sampling_params, schema_of_response_format
+from app.params import (
+    check_choices,
+    check_prompt_chars,
+    check_token_ids,
+    per_choice,
+    sampling_params,
+    schema_of_response_format,
+)
 from app.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -82,6 +89,7 @@ def read_prompts(ingress: Ingress, request: CompletionRequest) -> list[Prompt]:
     prompts = []
     for item in items:
         if isinstance(item, str):
+            check_prompt_chars(len(item), ingress.limits, "prompt")
             prompts.append(Prompt(item, ingress.tokenizer.encode(item)))
         else:
             check_token_ids(item, ingress.limits.vocab_size, "prompt")
@@ -103,9 +111,45 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
     ingress.check_model(request.model)
     if request.suffix:
         raise bad_request("suffix is not supported.", "suffix")
-    prompts = read_prompts(ingress, request)
-    schema = schema_of_response_format(request.response_format)
     response_id = f"cmpl-{uuid.uuid4().hex}"
+    # tokenizing and schema checks of large inputs must not hold up the event loop
+    prompts, jobs, outputs = await run_in_threadpool(plan, ingress, request, response_id)
+    ingress.log_prompt(response_id, [p.text for p in prompts])
+    timer = ingress.metrics.timer("completions", getattr(raw.state, "arrival", time.monotonic()))
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    fanout = Fanout(ingress.client, jobs)
+    if not await start_unless_disconnected(raw, fanout):
+        return Response(status_code=499)
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        chunks = CompletionChunks(response_id, int(time.time()), ingress.model_name)
+        events = completion_events(ingress, raw, fanout, outputs, chunks, prompts, include_usage,
+                                   timer)
+        body = sse_body(events, raw, ingress.settings.retry_after_s,
+                        lambda: timer.finish(prompt_tokens,
+                                             sum(o.completion_tokens for o in outputs)))
+        return EventStream(body, on_close=fanout.close)
+    if not await collect_unless_disconnected(
+            raw, fanout, collect(ingress, fanout, outputs, timer),
+            lambda: timer.finish(prompt_tokens, sum(o.completion_tokens for o in outputs))):
+        return Response(status_code=499)
+    choices = [CompletionChoice(
+        index=o.index, text=o.text, finish_reason=o.finish_reason or "abort",
+        logprobs=merge_completion_logprobs(o.logprobs) if o.top_n is not None else None)
+        for o in outputs]
+    response = CompletionResponse(id=response_id, created=int(time.time()),
+                                  model=ingress.model_name, choices=choices,
+                                  usage=usage_of(prompts, outputs))
+    raw.state.finish_reason = choices[0].finish_reason
+    return JSONResponse(response.model_dump())
+
+
+def plan(ingress: Ingress, request: CompletionRequest, response_id: str
+         ) -> tuple[list[Prompt], list[Job], list[CompletionOutput]]:
+    """The prompts, one engine job per prompt and choice, and the outputs they fill."""
+    prompts = read_prompts(ingress, request)
+    check_choices(len(prompts), request.n, ingress.limits)
+    schema = schema_of_response_format(request.response_format)
     jobs, outputs = [], []
     for p, prompt in enumerate(prompts):
         limit = ingress.limits.max_model_len
@@ -122,39 +166,7 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
             jobs.append(Job(index, prompt.token_ids, per_choice(params, i),
                             f"{response_id}-{index}"))
             outputs.append(CompletionOutput(index, prompt, request.echo, request.logprobs))
-    ingress.log_prompt(response_id, [p.text for p in prompts])
-    timer = ingress.metrics.timer("completions", getattr(raw.state, "arrival", time.monotonic()))
-    prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    fanout = Fanout(ingress.client, jobs)
-    if not await start_unless_disconnected(raw, fanout):
-        return Response(status_code=499)
-    if request.stream:
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        chunks = CompletionChunks(response_id, int(time.time()), ingress.model_name)
-        events = completion_events(ingress, raw, fanout, outputs, chunks, prompts, include_usage,
-                                   timer)
-        body = sse_body(events, raw, ingress.settings.retry_after_s,
-                        lambda: timer.finish(prompt_tokens,
-                                             sum(o.completion_tokens for o in outputs)))
-        return EventStream(body, on_close=fanout.close)
-    try:
-        await unless_disconnected(raw, collect(ingress, fanout, outputs, timer))
-    except ClientGone:
-        raw.state.finish_reason = "abort"
-        return Response(status_code=499)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await fanout.close()
-        timer.finish(prompt_tokens, sum(o.completion_tokens for o in outputs))
-    choices = [CompletionChoice(
-        index=o.index, text=o.text, finish_reason=o.finish_reason or "abort",
-        logprobs=merge_completion_logprobs(o.logprobs) if o.top_n is not None else None)
-        for o in outputs]
-    response = CompletionResponse(id=response_id, created=int(time.time()),
-                                  model=ingress.model_name, choices=choices,
-                                  usage=usage_of(prompts, outputs))
-    raw.state.finish_reason = choices[0].finish_reason
-    return JSONResponse(response.model_dump())
+    return prompts, jobs, outputs
 
 
 async def collect(ingress: Ingress, fanout: Fanout, outputs: list[CompletionOutput],
