@@ -2,10 +2,10 @@
 logprobs not sent yet, and the usage counts."""
 from __future__ import annotations
 
+from app.parsers.reasoning_parser import ReasoningParser, split_reasoning
+from app.parsers.tool_parser import ToolParser, parse_tool_calls
 from app.protocol import DeltaMessage, ToolCall
-from app.reasoning_parser import ReasoningParser, split_reasoning
-from app.tool_parser import ToolParser, parse_tool_calls
-from workers.outputs import RequestOutput, TokenLogprob
+from workers.engine.outputs import RequestOutput, TokenLogprob
 
 
 class ChoiceOutput:

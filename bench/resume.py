@@ -16,9 +16,9 @@ import time
 import torch
 
 from bench.results import markdown_table, update_section
-from workers.config import EngineConfig
-from workers.llm_engine import LLMEngine
-from workers.sampling_params import PriorOutput, SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import PriorOutput, SamplingParams
 
 CASES = [(128, 32), (128, 256), (512, 256), (512, 1024)]
 

@@ -6,8 +6,8 @@ from transformers import AutoTokenizer
 
 from app.chat import ChatTemplate
 from app.errors import APIError
+from app.parsers.tool_parser import parse_tool_calls
 from app.protocol import ChatMessage, Tool
-from app.tool_parser import parse_tool_calls
 
 
 @pytest.fixture(scope="module")

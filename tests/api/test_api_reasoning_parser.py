@@ -4,8 +4,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.reasoning_parser import ReasoningParser, split_reasoning
-from app.tags import TagSplitter, partial_tag_length
+from app.parsers.reasoning_parser import ReasoningParser, split_reasoning
+from app.parsers.tags import TagSplitter, partial_tag_length
 
 TEXT = "<think>The user wants 2+2. That is 4.</think>\n\nThe answer is 4."
 

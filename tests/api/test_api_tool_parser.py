@@ -6,8 +6,8 @@ import json
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from app.json_scan import scan_payload
-from app.tool_parser import ToolParser, parse_tool_calls
+from app.parsers.json_scan import scan_payload
+from app.parsers.tool_parser import ToolParser, parse_tool_calls
 
 WEATHER = {"city": "Paris", "days": [1, 2], "unit": {"name": "celsius", "note": "a } and \" "}}
 TEXT = ("Let me check. <tool_call>\n"

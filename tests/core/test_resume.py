@@ -7,11 +7,11 @@ import dataclasses
 
 import pytest
 
-from workers.config import EngineConfig
-from workers.errors import ContextLengthError, InvalidRequestError
-from workers.llm_engine import LLMEngine
-from workers.outputs import RequestOutput
-from workers.sampling_params import PriorOutput, SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.errors import ContextLengthError, InvalidRequestError
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import PriorOutput, SamplingParams
 
 pytestmark = pytest.mark.slow
 

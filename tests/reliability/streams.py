@@ -3,6 +3,7 @@ classify how it ended (completed, error event, HTTP error)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ class StreamResult:
     @property
     def longest_gap_s(self) -> float:
         """The longest wait between two events (a stall the client saw)."""
-        return max((b - a for a, b in zip(self.arrivals, self.arrivals[1:])), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(self.arrivals)), default=0.0)
 
     @property
     def done(self) -> bool:

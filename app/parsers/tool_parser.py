@@ -10,9 +10,9 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from app.json_scan import scan_payload
+from app.parsers.json_scan import scan_payload
+from app.parsers.tags import TagSplitter
 from app.protocol import DeltaMessage, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
-from app.tags import TagSplitter
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"

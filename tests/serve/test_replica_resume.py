@@ -1,20 +1,22 @@
 """A replica lost mid-request: ReplicaClient resumes the request on another replica and the
 client sees one uninterrupted response. The replicas here are the real engine behind a
-stand-in for Serve's handle that can lose a replica after a given number of outputs."""
+stand-in for Serve's handle that can lose a replica after a given number of outputs; no Ray
+cluster runs."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import httpx
 import pytest
-from api_helpers import DONE, check_chat_stream, parse_sse, wait_idle
-from live_server import LiveServer
 from ray.exceptions import ActorDiedError
 
 from app.api import build_app
-from app.replica_client import ReplicaClient
 from app.settings import Settings
-from workers.errors import EngineDeadError
+from tests.api.api_helpers import DONE, check_chat_stream, parse_sse, wait_idle
+from tests.api.live_server import MAX_MODEL_LEN, NUM_KV_BLOCKS, LiveServer, serve
+from workers.engine.errors import EngineDeadError
+from workers.router.replica_client import ReplicaClient
 
 QUESTION = [{"role": "user", "content": "Name the planets of the solar system, in order."}]
 
@@ -62,6 +64,25 @@ class Handle:
         replica = replicas[len(self.calls) % len(replicas)]
         self.calls.append({"replica": replica, "params": args[1], "avoid": avoid_replicas})
         return Call(self.engine, args, replica, self.losses.get(len(self.calls) - 1), self.how)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from workers.engine.async_engine import AsyncLLMEngine
+    from workers.engine.config import EngineConfig
+
+    eng = AsyncLLMEngine(EngineConfig(model=model_dir, max_model_len=MAX_MODEL_LEN,
+                                      num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=8))
+    yield eng
+    asyncio.run(eng.shutdown(drain=False))
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """The same engine served directly: the uninterrupted runs."""
+    live = serve(engine)
+    yield live
+    live.stop()
 
 
 @pytest.fixture

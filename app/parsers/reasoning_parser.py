@@ -1,8 +1,8 @@
 """`<think>...</think>` in the output goes to `reasoning_content`, the rest to `content`."""
 from __future__ import annotations
 
+from app.parsers.tags import Piece, TagSplitter
 from app.protocol import DeltaMessage
-from app.tags import Piece, TagSplitter
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

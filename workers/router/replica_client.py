@@ -25,12 +25,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import context as serve_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from workers.config import EngineConfig
-from workers.errors import EngineDeadError, EngineError, QueueFullError
-from workers.outputs import RequestOutput
-from workers.sampling_params import PriorOutput, SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.errors import EngineDeadError, EngineError, QueueFullError
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import PriorOutput, SamplingParams
 
-logger = logging.getLogger("pagoda.api")
+logger = logging.getLogger("pagoda.router")
 RESUME_BACKOFF_S = 0.5  # times the resume number: a second loss in a row may be Serve catching up
 
 
