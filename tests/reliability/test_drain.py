@@ -15,7 +15,7 @@ from .test_faults import content_of, serves_normally, stream_all, wait_running_o
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-SHORT, LONG = 6, 64  # tokens: within the 5 s graceful period, and well beyond it
+SHORT, LONG = 6, 300  # tokens: within the 5 s graceful period, and well beyond it
 
 
 def replica_states() -> dict[str, str]:

@@ -22,7 +22,7 @@ from .streams import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-STREAM_TIMEOUT_S = 120  # no stream may take longer to end, whatever happens to its replica
+STREAM_TIMEOUT_S = 240  # no stream may take longer to end, whatever happens to its replica
 REPLACEMENT_TIMEOUT_S = 240
 
 
@@ -117,7 +117,7 @@ def wait_replaced(service, victim: str) -> None:
 
 
 @pytest.mark.kills_replica
-@pytest.mark.parametrize("count, max_tokens", [(16, 64), (64, 40)])
+@pytest.mark.parametrize("count, max_tokens", [(16, 160), (64, 64)])
 def test_killing_a_replica_under_load_loses_no_stream(service, count, max_tokens):
     """Streams on the killed replica resume on the survivor from the tokens already sent:
     every stream completes with exactly the text of an uninterrupted run."""
