@@ -18,7 +18,7 @@ ALLOWED = {
     "workers": (),
     "kernels": ("kernels",),
     "workers.engine": ("workers.engine", "kernels"),
-    "workers.replica": ("workers.replica", "workers.engine", "workers.router", "workers.tracker"),
+    "workers.replica": ("workers.replica", "workers.engine", "workers.tracker"),
     "workers.router": ("workers.router", "workers.engine", "workers.tracker"),
     "workers.tracker": ("workers.tracker",),
     "workers.store": ("workers.store",),
