@@ -12,13 +12,10 @@ pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
-def test_the_in_process_engine_and_the_replica_client_are_engine_clients(engine):
+def test_the_in_process_engine_is_an_engine_client(engine):
     from app.engine_client import EngineClient
-    from workers.router.replica_client import ReplicaClient
 
     assert isinstance(engine, EngineClient)
-    handle = type("Handle", (), {"options": lambda self, **kw: self})()
-    assert isinstance(ReplicaClient(handle, engine.config, engine.tokenizer), EngineClient)
 
 
 def test_tokenize_round_trip_and_chat_prompt_count(http, engine):
