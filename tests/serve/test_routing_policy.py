@@ -200,3 +200,11 @@ async def test_a_resumed_request_shuns_the_replicas_it_was_lost_on():
     resumed.kwargs["avoid_replicas"] = ["a", "b", "c"]  # nowhere else to go: any replica
     ranks = await router.choose_replicas(replicas("a", "b", "c"), resumed)
     assert [r.replica_id.unique_id for rank in ranks for r in rank] == ["a", "b", "c"]
+
+
+def test_the_replica_client_is_an_engine_client():
+    from app.engine_client import EngineClient
+    from workers.router.replica_client import ReplicaClient
+
+    handle = type("Handle", (), {"options": lambda self, **kw: self})()
+    assert isinstance(ReplicaClient(handle, None, None), EngineClient)
