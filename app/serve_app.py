@@ -32,7 +32,8 @@ class PagodaIngress:
         parsed = PagodaArgs.model_validate(args)
         config = EngineConfig(**parsed.engine_kwargs())
         tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.client = ReplicaClient(replica, config, tokenizer)
+        self.client = ReplicaClient(replica, config, tokenizer,
+                                    max_resumes=parsed.replicas.max_resumes)
         self.settings = dataclasses.replace(Settings.from_env(),
                                             max_choices=parsed.replicas.max_choices(),
                                             **parsed.api.model_dump(exclude_none=True))

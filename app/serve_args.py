@@ -58,6 +58,8 @@ class ReplicaArgs(BaseModel):
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
     health_check_period_s: float = Field(5.0, gt=0)
     report_interval_s: float = Field(0.25, gt=0)
+    # times the ingress resumes one request on another replica after losing its replica
+    max_resumes: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def check_bounds(self) -> ReplicaArgs:

@@ -1,6 +1,6 @@
 """What splitting a replica over ranks costs: `bench/engine.py --tp N --pp M`.
 
-The same decode batches (1, 64 and 256 sequences, 16-token prompts) run on one rank and on
+The same decode batches (1, 64 and 256 sequences, 8-token prompts) run on one rank and on
 tp x pp ranks (gloo on CPU, NCCL on GPU). Per batch size: decode tokens/s, and the driver's
 hand-off per step (flattening the plan is not counted, broadcasting it to the other ranks is);
 per rank: parameter bytes. On a CPU the ranks share the same cores, so TP cannot be faster
@@ -25,7 +25,7 @@ from workers.engine.step_plan import StepPlan, receive_plan, send_plan
 from workers.engine.worker import tcp_init_method
 
 BATCHES = (1, 64, 256)
-DECODE_STEPS = 8
+DECODE_STEPS = 4
 CONTEXT_BLOCKS = 128  # decode plans in isolation: 2k-token contexts in blocks of 16
 SENDS = 200
 
@@ -81,7 +81,7 @@ def run_batches(model: str, tp: int, pp: int, device: str) -> dict:
         for batch in BATCHES:
             params = SamplingParams(temperature=0, max_tokens=DECODE_STEPS + 1, ignore_eos=True)
             for i in range(batch):
-                prompt = [(7 * i + j) % (engine.vocab_size - 3) + 3 for j in range(16)]
+                prompt = [(7 * i + j) % (engine.vocab_size - 3) + 3 for j in range(8)]
                 engine.add_request(f"b{batch}-{i}", prompt, params)
             engine.step()  # prefill (and the first token) of every sequence
             handoff, tokens, start = [], 0, time.perf_counter()
@@ -112,7 +112,8 @@ def bench_parallel(model: str, tp: int, pp: int, device: str) -> str:
                             "hand-off ms/step in the run", "hand-off ms, idle ranks"], rows)
     mib = [f"{b / 2**20:.1f}" for b in split["weights"]]
     notes = (f"\n\nModel `{os.path.basename(os.path.normpath(model))}` on {device}, "
-             f"{os.cpu_count()} cores shared by every rank, 16-token prompts, "
+             f"{os.cpu_count()} cores shared by every rank (load average "
+             f"{os.getloadavg()[0]:.1f} at the end), 8-token prompts, "
              f"{DECODE_STEPS} greedy decode steps measured per batch.\n\n"
              f"- parameter MiB per rank: 1 rank {single['weights'][0] / 2**20:.1f}; "
              f"TP={tp} PP={pp}: {', '.join(mib)}\n"

@@ -81,7 +81,11 @@ class LLMEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        prior = params.prior_output.token_ids if params.prior_output is not None else []
+        if n + len(prior) >= limit:
+            raise ContextLengthError(f"This model's maximum context length is {limit} tokens; "
+                                     "the resumed request has no room left.", param="max_tokens")
+        bad = [t for t in list(prompt_token_ids) + prior if not 0 <= t < self.vocab_size]
         bad += [t for t in list(params.logit_bias) + params.stop_token_ids
                 if not 0 <= t < self.vocab_size]
         if bad:
@@ -100,9 +104,26 @@ class LLMEngine:
             seq.grammar = self.grammar_compiler.matcher(params.json_schema)
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
+        if params.prior_output is not None:
+            self._replay_prior_output(seq)
         self.seqs[request_id] = seq
         self.faults.watch(request_id, seq.prompt_token_ids)
         self.scheduler.add(seq)
+
+    def _replay_prior_output(self, seq: Sequence) -> None:
+        """Bring a resumed request to where its lost replica left it: the tokens become output,
+        the detokenizer, grammar and seeded generator advance exactly as they did there."""
+        prior = seq.params.prior_output
+        for token in prior.token_ids:
+            seq.token_ids.append(token)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
+            seq.detokenizer.add_token(token, check_stop=seq.num_output_tokens >=
+                                      seq.params.min_tokens)
+            if seq.generator is not None:  # one draw per sampled token, as the sampler does
+                torch.empty(self.vocab_size, device=self.runner.device).exponential_(
+                    generator=seq.generator)
+        seq.detokenizer.skip(prior.num_chars_sent)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.seqs.get(request_id)
@@ -185,26 +206,22 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         seq.token_ids.append(token)
         params = seq.params
-        finish, stop_reason = None, None
+        finish = None
         min_done = seq.num_output_tokens >= params.min_tokens
         if seq.grammar is not None:
             seq.grammar.accept(token)
         is_eos = token in self.eos_token_ids and not params.ignore_eos
         if (token in params.stop_token_ids or is_eos) and min_done:
             # the stop token's own text is not part of the output
-            finish, stop_reason = "stop", token if token in params.stop_token_ids else None
+            finish = "stop"
         else:
-            stop_str = seq.detokenizer.add_token(token, check_stop=min_done)
-            if stop_str is not None:
-                finish, stop_reason = "stop", stop_str
-            elif seq.grammar is not None and seq.grammar.terminated:
+            if seq.detokenizer.add_token(token, check_stop=min_done) is not None or seq.grammar is not None and seq.grammar.terminated:
                 finish = "stop"
         if finish is None and ((params.max_tokens is not None and
                                 seq.num_output_tokens >= params.max_tokens) or
                                seq.num_tokens >= self.config.max_model_len):
             finish = "length"
         if finish is not None:
-            seq.stop_reason = stop_reason
             self._finish(seq, finish)
         return self._output(seq, [token], [logprob] if logprob is not None else [], finish)
 
@@ -224,7 +241,6 @@ class LLMEngine:
             token_ids=tokens,
             logprobs=logprobs if seq.params.logprobs is not None else None,
             finish_reason=finish,
-            stop_reason=seq.stop_reason,
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_output_tokens,
             cached_tokens=seq.num_cached_tokens,

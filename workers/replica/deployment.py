@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
 from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError
@@ -21,19 +20,11 @@ from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.replica.load_reporter import LoadReporter
 from workers.replica.metrics import ReplicaMetrics
-from workers.router.request_router import PagodaRequestRouter
 
 
-@serve.deployment(
-    name="ModelReplica",
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    graceful_shutdown_timeout_s=30,
-    health_check_period_s=5,
-    request_router_config=RequestRouterConfig(request_router_class=PagodaRequestRouter),
-)
+@serve.deployment(name="ModelReplica")  # options and router: ReplicaArgs, in app/serve_app.py
 class ModelReplica:
-    async def __init__(self, engine_config: dict, report_interval_s: float = 0.25) -> None:
+    async def __init__(self, engine_config: dict, report_interval_s: float) -> None:
         from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
         from workers.replica.worker_actor import RayWorkers
 
@@ -55,8 +46,12 @@ class ModelReplica:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, arrival_time: float | None = None,
+                       avoid_replicas: list[str] | None = None,
                        ) -> AsyncIterator[RequestOutput]:
-        """Streams the engine's deltas; the last one carries finish_reason."""
+        """Streams the engine's deltas; the last one carries finish_reason.
+
+        `avoid_replicas` is read by the request router (a resumed request shuns the replicas
+        it was lost on)."""
         self.num_requests += 1
         start = time.time()
         if arrival_time is not None:
@@ -80,6 +75,8 @@ class ModelReplica:
             raise
         except Exception as e:  # engine errors go back to the ingress as they are
             status = type(e).__name__
+            if isinstance(e, EngineDeadError):  # the ingress resumes it elsewhere
+                e.replica_id = self.replica_id
             raise
         finally:
             self.metrics.e2e.observe(time.time() - start)
