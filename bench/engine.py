@@ -4,7 +4,8 @@ against the roofline (bench/roofline.py) measured in the same run.
 64 requests with mixed prompt lengths, 128 output tokens each (EOS ignored so every system
 does the same work). Ours runs in each dtype asked for; HF runs sequentially in float32 (what
 `from_pretrained` gives a user on a CPU; on a subset, then per-token rates compare) and as a
-static left-padded batch of 32 in each dtype.
+static left-padded batch of 32 in each dtype. With `--tp N --pp M` it instead measures a
+replica split over N x M ranks against one rank (bench/parallel.py).
 """
 from __future__ import annotations
 
@@ -107,7 +108,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default=None,
                         help="comma-separated; default float32,bfloat16 on CPU, bfloat16 on GPU")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
     args = parser.parse_args()
+    if args.tp * args.pp > 1:
+        from bench.parallel import bench_parallel
+        bench_parallel(args.model, args.tp, args.pp, args.device)
+        return
     dtypes = (args.dtypes or ("bfloat16" if args.device == "cuda" else "float32,bfloat16")
               ).split(",")
     user_dtype = "bfloat16" if args.device == "cuda" else "float32"

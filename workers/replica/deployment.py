@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
 from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError
@@ -21,29 +21,24 @@ from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.replica.load_reporter import LoadReporter
 from workers.replica.metrics import ReplicaMetrics
-from workers.router.request_router import PagodaRequestRouter
 
 
-@serve.deployment(
-    name="ModelReplica",
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    graceful_shutdown_timeout_s=30,
-    health_check_period_s=5,
-    request_router_config=RequestRouterConfig(request_router_class=PagodaRequestRouter),
-)
+@serve.deployment(name="ModelReplica")  # options and router: ReplicaArgs, in app/serve_app.py
 class ModelReplica:
-    async def __init__(self, engine_config: dict, report_interval_s: float = 0.25) -> None:
+    async def __init__(self, engine_config: dict, report_interval_s: float) -> None:
         from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
+        from workers.replica.worker_actor import RayWorkers
 
         config = EngineConfig(**engine_config)
-        self.engine = AsyncLLMEngine(config)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # split over devices, this actor is rank 0 and the other ranks are its worker actors
+        self.engine = AsyncLLMEngine(
+            config, start_workers=functools.partial(RayWorkers, replica_id=self.replica_id))
         runner = self.engine.engine.runner
         logging.getLogger("ray.serve").info(
             "engine: dtype %s (%s), attention backend %s, threads %s",
             str(runner.dtype).removeprefix("torch."), runner.dtype_reason, runner.backend.name,
             config.num_threads or "all cores")
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = ReplicaMetrics(model=config.served_model_name, replica=self.replica_id)
         self.num_requests = 0
         self.reporter = LoadReporter(self.replica_id, config.block_size, self.read_stats,
@@ -57,8 +52,12 @@ class ModelReplica:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, arrival_time: float | None = None,
+                       avoid_replicas: list[str] | None = None,
                        ) -> AsyncIterator[RequestOutput]:
-        """Streams the engine's deltas; the last one carries finish_reason."""
+        """Streams the engine's deltas; the last one carries finish_reason.
+
+        `avoid_replicas` is read by the request router (a resumed request shuns the replicas
+        it was lost on)."""
         self.num_requests += 1
         start = time.time()
         if arrival_time is not None:
@@ -82,6 +81,8 @@ class ModelReplica:
             raise
         except Exception as e:  # engine errors go back to the ingress as they are
             status = type(e).__name__
+            if isinstance(e, EngineDeadError):  # the ingress resumes it elsewhere
+                e.replica_id = self.replica_id
             raise
         finally:
             self.metrics.e2e.observe(time.time() - start)
@@ -108,8 +109,8 @@ class ModelReplica:
                 "num_requests": self.num_requests}
 
     def check_health(self) -> None:
-        if not self.engine.is_alive():
-            raise EngineDeadError("the engine step loop stopped")
+        if not self.engine.is_alive():  # also when a worker rank of this replica died
+            raise EngineDeadError("the engine step loop or one of its worker ranks stopped")
 
     async def __del__(self) -> None:
         # Serve calls this after in-flight requests finished or graceful_shutdown_timeout_s
