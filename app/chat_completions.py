@@ -1,6 +1,7 @@
 """POST /v1/chat/completions, streamed or whole."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -56,12 +57,14 @@ async def create_chat_completion(ingress: Ingress, request: ChatCompletionReques
     params = sampling_params(request, prompt_len=len(prompt_ids), limits=ingress.limits,
                              max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
                              json_schema=schema, what="messages")
+    parsers = ingress.parsers.for_request(tools_on, forced, prompt)
+    if parsers.keeps_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     ingress.log_prompt(response_id, prompt)
     jobs = [Job(i, prompt_ids, per_choice(params, i), f"{response_id}-{i}")
             for i in range(request.n)]
-    choices = [ChoiceOutput(i, ingress.settings.reasoning_parser, tools_on, forced)
-               for i in range(request.n)]
+    choices = [ChoiceOutput(i, parsers) for i in range(request.n)]
     timer = ingress.metrics.timer("chat", getattr(raw.state, "arrival", time.monotonic()))
     fanout = Fanout(ingress.client, jobs)
     if not await start_unless_disconnected(raw, fanout):

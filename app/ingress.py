@@ -13,6 +13,7 @@ from app.errors import bad_request, model_not_found
 from app.logprobs import TokenTexts
 from app.metrics import Metrics
 from app.params import Limits
+from app.parsers.registry import ParserChoice, choose_parsers
 from app.settings import Settings
 
 logger = logging.getLogger("pagoda.api")
@@ -28,6 +29,7 @@ class Ingress:
     metrics: Metrics
     model_name: str
     limits: Limits
+    parsers: ParserChoice
 
     @classmethod
     def create(cls, client: Any, settings: Settings) -> Ingress:
@@ -36,11 +38,16 @@ class Ingress:
         name = settings.served_model_name or config.served_model_name
         vocab_size = config.hf_config.get("vocab_size") or len(tokenizer)
         stats = getattr(client, "stats", None)
+        parsers = choose_parsers(config.hf_config.get("model_type"), tokenizer.chat_template,
+                                 settings.tool_parser, settings.reasoning_parser)
+        logger.info("model %s: tool parser %s, reasoning parser %s (%s)", name,
+                    parsers.tool or "none (forced calls only)", parsers.reasoning or "none",
+                    parsers.reason)
         return cls(
             client=client, settings=settings, tokenizer=tokenizer,
             template=ChatTemplate(tokenizer), texts=TokenTexts(tokenizer),
             metrics=Metrics(name, stats if callable(stats) else None), model_name=name,
-            limits=Limits(config.max_model_len, vocab_size, settings.max_n),
+            limits=Limits(config.max_model_len, vocab_size, settings.max_n), parsers=parsers,
         )
 
     def check_model(self, name: str | None) -> None:

@@ -70,7 +70,7 @@ def test_tool_choice_none_leaves_text_alone(http):
 
 @pytest.fixture(scope="module")
 def thinking(engine):
-    live = serve(engine, reasoning_parser=True)
+    live = serve(engine, reasoning_parser="think")
     with httpx.Client(base_url=live.url, timeout=120) as http:
         yield http
     live.stop()
