@@ -107,6 +107,8 @@ def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits
     check_token_ids(request.stop_token_ids or [], limits.vocab_size, "stop_token_ids")
     check_schema(json_schema, "response_format")
     grammar = request.structured_outputs.grammar if request.structured_outputs else None
+    if request.structured_outputs is not None and grammar is None:
+        raise bad_request("structured_outputs needs a grammar.", "structured_outputs.grammar")
     if grammar is not None and json_schema is not None:
         raise bad_request("structured_outputs cannot be combined with response_format or a "
                           "forced tool_choice.", "structured_outputs")

@@ -86,7 +86,7 @@ class StructuredOutputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    grammar: str
+    grammar: str | None = None
 
 
 class SamplingRequest(Request):
