@@ -29,12 +29,19 @@ from app.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from app.responses.protocol import ResponsesRequest
+from app.responses.serving import create_response, delete_response, get_response
+from app.responses.store import LocalStore, ResponseStore
 from app.settings import Settings
 
 
-def build_app(client: Any, settings: Settings | None = None) -> FastAPI:
+def build_app(client: Any, settings: Settings | None = None,
+              store: ResponseStore | None = None) -> FastAPI:
+    """`store` keeps Responses API responses; by default, in this process."""
     settings = settings or Settings.from_env()
     ingress = Ingress.create(client, settings)
+    store = store or LocalStore(settings.response_store_records,
+                                settings.response_store_mb * 2**20)
     app = FastAPI(title="Pagoda", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ingress = ingress
     install_error_handlers(app, settings.retry_after_s)
@@ -49,6 +56,19 @@ def build_app(client: Any, settings: Settings | None = None) -> FastAPI:
     async def completions(raw: Request) -> Response:
         request = await parse_body(raw, CompletionRequest)
         return await create_completion(ingress, request, raw)
+
+    @app.post("/v1/responses")
+    async def responses(raw: Request) -> Response:
+        request = await parse_body(raw, ResponsesRequest)
+        return await create_response(ingress, store, request, raw)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Response:
+        return await get_response(store, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def remove_response(response_id: str) -> Response:
+        return await delete_response(store, response_id)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

@@ -4,19 +4,20 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from dataclasses import dataclass
 
-import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from app.chat_output import ChoiceOutput
-from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
+from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import bad_request
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.logprobs import chat_logprobs
 from app.metrics import GenerationTimer
 from app.params import chat_schema, per_choice, sampling_params
+from app.parsers.registry import RequestParsers
 from app.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -27,6 +28,7 @@ from app.protocol import (
     Usage,
 )
 from app.streaming import ChatChunks, EventStream, sse_body
+from workers.sampling_params import SamplingParams
 
 
 def usage_of(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:
@@ -35,8 +37,17 @@ def usage_of(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:
     return Usage.of(prompt_tokens, completion, cached)
 
 
-async def create_chat_completion(ingress: Ingress, request: ChatCompletionRequest,
-                                 raw: Request) -> Response:
+@dataclass
+class ChatPlan:
+    """A chat request made ready for the engine."""
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    parsers: RequestParsers  # what the output goes through: tools on, forced, reasoning
+
+
+def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "messages"
+              ) -> ChatPlan:
     ingress.check_model(request.model)
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
@@ -56,37 +67,43 @@ async def create_chat_completion(ingress: Ingress, request: ChatCompletionReques
     top_n = request.top_logprobs or 0
     params = sampling_params(request, prompt_len=len(prompt_ids), limits=ingress.limits,
                              max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
-                             json_schema=schema, what="messages")
+                             json_schema=schema, what=what)
     parsers = ingress.parsers.for_request(tools_on, forced, prompt)
     if parsers.keeps_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
+    return ChatPlan(prompt, prompt_ids, params, parsers)
+
+
+async def create_chat_completion(ingress: Ingress, request: ChatCompletionRequest,
+                                 raw: Request) -> Response:
+    plan = plan_chat(ingress, request)
+    prompt_ids, params = plan.prompt_ids, plan.params
+    top_n = request.top_logprobs or 0
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    ingress.log_prompt(response_id, prompt)
+    ingress.log_prompt(response_id, plan.prompt)
     jobs = [Job(i, prompt_ids, per_choice(params, i), f"{response_id}-{i}")
             for i in range(request.n)]
-    choices = [ChoiceOutput(i, parsers) for i in range(request.n)]
+    choices = [ChoiceOutput(i, plan.parsers) for i in range(request.n)]
     timer = ingress.metrics.timer("chat", getattr(raw.state, "arrival", time.monotonic()))
     fanout = Fanout(ingress.client, jobs)
     if not await start_unless_disconnected(raw, fanout):
         return Response(status_code=499)
     if request.stream:
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        chunks = ChatChunks(response_id, int(time.time()), ingress.model_name)
+        options = request.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = include_usage and options.continuous_usage_stats
+        chunks = ChatChunks(response_id, int(time.time()), ingress.model_name,
+                            (lambda: usage_of(len(prompt_ids), choices)) if continuous else None)
         events = chat_events(ingress, raw, fanout, choices, chunks, len(prompt_ids), top_n,
                              request.logprobs, include_usage, timer)
         body = sse_body(events, raw, ingress.settings.retry_after_s,
                         lambda: timer.finish(len(prompt_ids),
                                              sum(c.completion_tokens for c in choices)))
         return EventStream(body, on_close=fanout.close)
-    try:
-        await unless_disconnected(raw, collect(fanout, choices, timer))
-    except ClientGone:
-        raw.state.finish_reason = "abort"
+    if not await collect_unless_disconnected(
+            raw, fanout, collect(fanout, choices, timer),
+            lambda: timer.finish(len(prompt_ids), sum(c.completion_tokens for c in choices))):
         return Response(status_code=499)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await fanout.close()
-        timer.finish(len(prompt_ids), sum(c.completion_tokens for c in choices))
     response = ChatCompletionResponse(
         id=response_id, created=int(time.time()), model=ingress.model_name,
         choices=[whole_choice(ingress, c, request.logprobs, top_n) for c in choices],

@@ -5,11 +5,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
-from app.disconnect import ClientGone, start_unless_disconnected, unless_disconnected
+from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import bad_request
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
@@ -137,15 +136,10 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
                         lambda: timer.finish(prompt_tokens,
                                              sum(o.completion_tokens for o in outputs)))
         return EventStream(body, on_close=fanout.close)
-    try:
-        await unless_disconnected(raw, collect(ingress, fanout, outputs, timer))
-    except ClientGone:
-        raw.state.finish_reason = "abort"
+    if not await collect_unless_disconnected(
+            raw, fanout, collect(ingress, fanout, outputs, timer),
+            lambda: timer.finish(prompt_tokens, sum(o.completion_tokens for o in outputs))):
         return Response(status_code=499)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await fanout.close()
-        timer.finish(prompt_tokens, sum(o.completion_tokens for o in outputs))
     choices = [CompletionChoice(
         index=o.index, text=o.text, finish_reason=o.finish_reason or "abort",
         logprobs=merge_completion_logprobs(o.logprobs) if o.top_n is not None else None)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import anyio
 from fastapi import Request
 
 T = TypeVar("T")
@@ -47,4 +48,21 @@ async def start_unless_disconnected(request: Request, fanout) -> bool:
         await fanout.close()
         request.state.finish_reason = "abort"
         return False
+    return True
+
+
+async def collect_unless_disconnected(request: Request, fanout, work: Awaitable[None],
+                                      on_end: Callable[[], None]) -> bool:
+    """Run `work`, which reads a started Fanout to its end, unless the client leaves first;
+    the fanout is closed and `on_end` runs either way. False (request marked aborted) if the
+    client left."""
+    try:
+        await unless_disconnected(request, work)
+    except ClientGone:
+        request.state.finish_reason = "abort"
+        return False
+    finally:
+        with anyio.CancelScope(shield=True):
+            await fanout.close()
+        on_end()
     return True

@@ -21,12 +21,20 @@ OPEN_PATHS = {"/health", "/metrics", "/openapi.json"}
 ENDPOINTS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
+    "/v1/responses": "responses",
     "/v1/models": "models",
     "/tokenize": "tokenize",
     "/detokenize": "detokenize",
     "/health": "health",
     "/metrics": "metrics",
 }
+
+
+def endpoint_of(path: str) -> str:
+    """The metrics label of a path; a stored response's path counts as `responses`."""
+    if path.startswith("/v1/responses/"):
+        return "responses"
+    return ENDPOINTS.get(path, "other")
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -58,7 +66,7 @@ class RequestContext:
         state["arrival"] = time.monotonic()
         state["request_id"] = request_id
         path = scope.get("path", "")
-        endpoint = ENDPOINTS.get(path, "other")
+        endpoint = endpoint_of(path)
         status = 500
 
         async def send_with_id(message: Message) -> None:

@@ -24,6 +24,7 @@ from app.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from app.responses.protocol import DeletedResponse, ResponseObject, ResponsesRequest
 
 REF = "#/components/schemas/{model}"
 ERROR_STATUSES = {"400": "Invalid request", "401": "Missing or wrong API key",
@@ -57,23 +58,26 @@ def post(summary: str, body: type[BaseModel], ok: type[BaseModel],
                      "responses": responses(ok, stream)}}
 
 
-def get(summary: str, ok: type[BaseModel] | None, parameters: list | None = None) -> dict:
+def get(summary: str, ok: type[BaseModel] | None, parameters: list | None = None,
+        method: str = "get") -> dict:
     operation = {"summary": summary, "operationId": summary.lower().replace(" ", "_"),
                  "responses": responses(ok)}
     if parameters:
         operation["parameters"] = parameters
-    return {"get": operation}
+    return {method: operation}
 
 
 def openapi_document(title: str = "Pagoda", version: str = "0.1.0") -> dict:
     models = [ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk,
               CompletionRequest, CompletionResponse, TokenizeRequest, TokenizeResponse,
-              DetokenizeRequest, DetokenizeResponse, ModelList, ModelCard, ErrorResponse]
+              DetokenizeRequest, DetokenizeResponse, ModelList, ModelCard, ErrorResponse,
+              ResponsesRequest, ResponseObject, DeletedResponse]
     # requests as clients send them, responses as the server writes them
     modes = {m: "validation" if m.__name__.endswith("Request") else "serialization"
              for m in models}
     _, defs = models_json_schema([(m, modes[m]) for m in models], ref_template=REF)
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    id_param = {**name_param, "name": "response_id"}
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
@@ -82,6 +86,11 @@ def openapi_document(title: str = "Pagoda", version: str = "0.1.0") -> dict:
                                          ChatCompletionResponse, ChatCompletionChunk),
             "/v1/completions": post("Create completion", CompletionRequest, CompletionResponse,
                                     CompletionResponse),
+            # streamed as named events: `event: <type>` then `data: <event>`
+            "/v1/responses": post("Create response", ResponsesRequest, ResponseObject),
+            "/v1/responses/{response_id}": {
+                **get("Retrieve response", ResponseObject, [id_param]),
+                **get("Delete response", DeletedResponse, [id_param], method="delete")},
             "/v1/models": get("List models", ModelList),
             "/v1/models/{name}": get("Retrieve model", ModelCard, [name_param]),
             "/tokenize": post("Tokenize", TokenizeRequest, TokenizeResponse),

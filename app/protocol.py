@@ -24,6 +24,7 @@ class Sparse(BaseModel):
 
 class StreamOptions(Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # with include_usage: usage so far on every chunk
 
 
 class FunctionCall(Request):

@@ -38,8 +38,11 @@ class PagodaIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         from app.api import build_app as build_api
+        from workers.store.response_store import ActorStore
 
-        return build_api(self.client, self.settings)
+        store = ActorStore(self.settings.response_store_records,
+                           self.settings.response_store_mb * 2**20)
+        return build_api(self.client, self.settings, store)
 
 
 def build_app(args: PagodaArgs | dict[str, Any]) -> Application:

@@ -110,6 +110,8 @@ class ApiArgs(BaseModel):
     max_n: int | None = Field(None, ge=1)
     log_prompts: bool | None = None
     retry_after_s: int | None = Field(None, ge=0)
+    response_store_records: int | None = Field(None, ge=1)
+    response_store_mb: int | None = Field(None, ge=1)
 
 
 class PagodaArgs(BaseModel):

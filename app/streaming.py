@@ -36,10 +36,11 @@ def event(payload: BaseModel | dict) -> str:
 
 
 async def sse_body(events: AsyncIterator[str], raw: Request, retry_after_s: float,
-                   on_end: Callable[[], None]) -> AsyncIterator[str]:
-    """The frame of every stream: its events, then `[DONE]`; an error once streaming has begun
-    goes out as an error event before `[DONE]`. `on_end` runs however the stream ends; closing
-    the engine streams is EventStream's `on_close`."""
+                   on_end: Callable[[], None], done: str = DONE) -> AsyncIterator[str]:
+    """The frame of every stream: its events, then `done` (`[DONE]`, or nothing where the
+    events end themselves); an error once streaming has begun goes out as an error event before
+    it. `on_end` runs however the stream ends; closing the engine streams is EventStream's
+    `on_close`."""
     raw.state.finish_reason = "abort"  # until the events end normally
     try:
         try:
@@ -49,7 +50,8 @@ async def sse_body(events: AsyncIterator[str], raw: Request, retry_after_s: floa
         except Exception as e:  # noqa: BLE001 - after the stream started, any error is an event
             raw.state.finish_reason = "error"
             yield event(to_api_error(e, retry_after_s).body())
-        yield DONE
+        if done:
+            yield done
     finally:
         on_end()
 
@@ -71,12 +73,18 @@ class EventStream(StreamingResponse):
 
 
 class ChatChunks:
-    def __init__(self, response_id: str, created: int, model: str) -> None:
+    """`live_usage`, when given, puts the usage so far on every chunk (continuous usage)."""
+
+    def __init__(self, response_id: str, created: int, model: str,
+                 live_usage: Callable[[], Usage] | None = None) -> None:
         self.response_id = response_id
         self.created = created
         self.model = model
+        self.live_usage = live_usage
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        if usage is None and self.live_usage is not None:
+            usage = self.live_usage()
         return event(ChatCompletionChunk(id=self.response_id, created=self.created,
                                          model=self.model, choices=choices, usage=usage))
 

@@ -11,7 +11,7 @@ from workers.errors import InvalidRequestError
 
 
 class GrammarCompiler:
-    """Compiles and caches JSON-schema grammars for one tokenizer."""
+    """Compiles and caches JSON-schema and EBNF grammars for one tokenizer."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,

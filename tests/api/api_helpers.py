@@ -100,3 +100,22 @@ def wait_idle(engine, timeout_s: float = 30.0) -> dict:
             return stats
         time.sleep(0.05)
     raise AssertionError(f"engine did not go idle: {engine.stats()}")
+
+
+class DyingClient:
+    """An engine client whose replica dies right after each request's first real output."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.config, self.tokenizer = inner, inner.config, inner.tokenizer
+        self.abort, self.stats, self.is_alive = inner.abort, inner.stats, inner.is_alive
+
+    async def generate(self, prompt_token_ids, params, request_id):
+        from workers.errors import EngineDeadError
+
+        stream = self.inner.generate(prompt_token_ids, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+                raise EngineDeadError("replica died")
+        finally:
+            await stream.aclose()

@@ -32,6 +32,15 @@ def model_name(engine) -> str:
     return engine.config.served_model_name
 
 
+@pytest.fixture(scope="module")
+def thinking(engine):
+    """A server with the reasoning parser on."""
+    live = serve(engine, reasoning_parser="think")
+    with httpx.Client(base_url=live.url, timeout=120) as http:
+        yield http
+    live.stop()
+
+
 @pytest.fixture
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,

@@ -37,8 +37,8 @@ def test_health(http):
 def test_openapi_document_is_served_and_lists_every_endpoint(http):
     document = http.get("/openapi.json").json()
     assert document == openapi_document()
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
-                 "/detokenize"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses",
+                 "/v1/responses/{response_id}", "/v1/models", "/tokenize", "/detokenize"):
         assert path in document["paths"], path
     body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"]["$ref"].endswith(

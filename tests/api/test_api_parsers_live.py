@@ -11,7 +11,6 @@ import json
 import httpx
 import pytest
 from api_helpers import check_chat_stream, post_stream
-from live_server import serve
 
 pytestmark = pytest.mark.slow
 
@@ -66,14 +65,6 @@ def test_tool_choice_none_leaves_text_alone(http):
             "max_tokens": 60, "temperature": 0}
     message = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     assert "tool_calls" not in message and message["content"] == raw_text(http, TOOL_TURNS)
-
-
-@pytest.fixture(scope="module")
-def thinking(engine):
-    live = serve(engine, reasoning_parser="think")
-    with httpx.Client(base_url=live.url, timeout=120) as http:
-        yield http
-    live.stop()
 
 
 def test_reasoning_content_whole_and_streamed(thinking):

@@ -6,9 +6,7 @@ import json
 import httpx
 import jsonschema
 import pytest
-from api_helpers import DONE, check_chat_stream, parse_sse, post_stream, wait_idle
-
-from workers.errors import EngineDeadError
+from api_helpers import DONE, DyingClient, check_chat_stream, parse_sse, post_stream, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +44,23 @@ def test_include_usage_adds_one_final_usage_chunk(http):
     assert usage["completion_tokens"] == 7
     assert usage["total_tokens"] == prompt["count"] + 7
     assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= prompt["count"]
+
+
+def test_continuous_usage_stats_put_usage_so_far_on_every_chunk(http):
+    body = {"messages": QUESTION, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "n": 2, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = post_stream(http, "/v1/chat/completions", body)
+    assert events[-1] == DONE
+    prompt = http.post("/tokenize", json={"messages": QUESTION}).json()["count"]
+    completion = [u["completion_tokens"] for u in (e["usage"] for e in events[:-1])]
+    assert all(e["usage"]["prompt_tokens"] == prompt for e in events[:-1])
+    assert completion[:2] == [0, 0]  # the role chunks, before any token
+    assert completion == sorted(completion) and completion[-1] == 10
+    assert events[-2]["choices"] == [] and events[-3]["usage"]["completion_tokens"] == 10
+    # without the flag, the default stream keeps usage off every chunk but the last
+    plain = post_stream(http, "/v1/chat/completions", {
+        **body, "stream_options": {"include_usage": True}})
+    check_chat_stream(plain, 2, include_usage=True)
 
 
 def test_n2_interleaves_choices_each_with_role_and_finish(http):
@@ -145,20 +160,6 @@ def test_error_mid_stream_is_an_event_then_done(engine):
 
     from app.api import build_app
     from app.settings import Settings
-
-    class DyingClient:
-        def __init__(self, inner):
-            self.inner, self.config, self.tokenizer = inner, inner.config, inner.tokenizer
-            self.abort, self.stats, self.is_alive = inner.abort, inner.stats, inner.is_alive
-
-        async def generate(self, prompt_token_ids, params, request_id):
-            stream = self.inner.generate(prompt_token_ids, params, request_id)
-            try:
-                async for out in stream:
-                    yield out
-                    raise EngineDeadError("replica died")
-            finally:
-                await stream.aclose()
 
     live = LiveServer(build_app(DyingClient(engine), Settings()))
     try:

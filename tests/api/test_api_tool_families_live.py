@@ -22,8 +22,8 @@ WEATHER_TOOL = {"type": "function", "function": {
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 # (what the model is driven to write, its marker token, the content the parse leaves)
 OUTPUTS = {
-    "hermes": ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": '
-               '{"city": "Paris"}}\n</tool_call>', "<tool_call>", "Let me check."),
+    "hermes": (('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": '
+                '{"city": "Paris"}}\n</tool_call>'), "<tool_call>", "Let me check."),
     "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
                 "[TOOL_CALLS]", None),
     "llama3_json": ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',

@@ -1,80 +1,40 @@
-"""k8s/ and deploy/ are valid: the KubeRay CRD schema, Serve's config schema and our args model."""
+"""deploy/ configs and the RayServices in k8s/: Serve's config schema, our args, what the GPU
+workers offer. tests/serve/test_k8s_schemas.py checks every manifest's schema."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from k8s_manifests import (
+    ROOT,
+    SERVE_CONFIGS,
+    exported_names,
+    kuberay_schema,
+    pod_groups,
+    ranks,
+    ranks_per_node,
+    ray_container,
+    rayservices,
+    serve_args,
+    unknown_fields,
+)
 from ray.serve.schema import ServeDeploySchema
 
 from app.serve_args import ApiArgs, EngineArgs, PagodaArgs
 from app.settings import Settings
 from workers.config import EngineConfig
 
-ROOT = Path(__file__).resolve().parents[2]
-# ../shared holds the CRD on developer machines and in CI; a clone elsewhere can point at it
-SHARED = Path(os.environ.get("PAGODA_SHARED", ROOT.parent / "shared"))
-CRD = SHARED / "kuberay" / "ray.io_rayservices.yaml"
-MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
-SERVE_CONFIGS = [ROOT / "deploy" / "config.yaml", ROOT / "deploy" / "config.gpu.yaml"]
-
-
-@functools.cache
-def rayservice_schema() -> dict:
-    if not CRD.exists():
-        pytest.skip(f"the KubeRay CRD is not at {CRD}; set PAGODA_SHARED to the shared folder")
-    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    version = next(v for v in crd["spec"]["versions"] if v["storage"])
-    return version["schema"]["openAPIV3Schema"]
-
-
-def rayservices() -> list[tuple[str, dict]]:
-    docs = []
-    for path in MANIFESTS:
-        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
-            if doc and doc.get("kind") == "RayService":
-                docs.append((f"{path.name}#{i}", doc))
-    return docs
-
-
-def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
-    """Keys the API server would silently prune: absent from a closed `properties` schema."""
-    found = []
-    if isinstance(value, dict) and schema.get("type") == "object":
-        props = schema.get("properties")
-        extra = schema.get("additionalProperties")
-        preserve = schema.get("x-kubernetes-preserve-unknown-fields")
-        for key, item in value.items():
-            if props is not None and key in props:
-                found += unknown_fields(item, props[key], f"{path}.{key}")
-            elif isinstance(extra, dict):
-                found += unknown_fields(item, extra, f"{path}.{key}")
-            elif props is not None and not preserve and path != ".metadata":
-                found.append(f"{path}.{key}")
-    elif isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
-    return found
-
 
 def test_there_is_a_rayservice_manifest():
-    assert [name for name, _ in rayservices()] == ["rayservice.yaml#0"]
-
-
-@pytest.mark.parametrize("name,doc", rayservices(), ids=lambda v: v if isinstance(v, str) else "")
-def test_rayservice_matches_the_kuberay_crd(name, doc):
-    schema = rayservice_schema()
-    jsonschema.Draft7Validator(schema).validate(doc)
-    assert unknown_fields(doc, schema) == [], name
+    assert "rayservice.yaml#0" in [name for name, _ in rayservices()]
 
 
 def test_the_crd_check_catches_bad_manifests():
-    schema = rayservice_schema()
+    schema = kuberay_schema("RayService")
     good = rayservices()[0][1]
     bad_type = yaml.safe_load(yaml.safe_dump(good))
     bad_type["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] = "yes"
@@ -93,47 +53,53 @@ def test_serve_configs_parse_against_serve_and_our_args(path):
         PagodaArgs.model_validate(app.args)
 
 
-def test_serve_config_v2_is_the_gpu_config():
-    doc = rayservices()[0][1]
+@pytest.mark.parametrize("name,doc", rayservices(), ids=lambda v: v if isinstance(v, str) else "")
+def test_serve_config_v2_is_a_deploy_config_verbatim(name, doc):
     embedded = yaml.safe_load(doc["spec"]["serveConfigV2"])
-    assert embedded == yaml.safe_load((ROOT / "deploy" / "config.gpu.yaml").read_text())
+    configs = {p.name: yaml.safe_load(p.read_text()) for p in SERVE_CONFIGS}
+    assert embedded in configs.values(), f"{name}: serveConfigV2 is none of {sorted(configs)}"
+    assert embedded != configs["config.yaml"]  # the CPU config is for one box
 
 
-def test_gpu_replicas_fit_the_gpu_worker_group():
-    doc = rayservices()[0][1]
+@pytest.mark.parametrize("name,doc", rayservices(), ids=lambda v: v if isinstance(v, str) else "")
+def test_gpu_replicas_fit_the_gpu_worker_groups(name, doc):
     cluster = doc["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
-    args = PagodaArgs.model_validate(
-        yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"])
-    assert args.replicas.num_gpus == 1 and args.engine.device == "cuda"
-    group = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu")
-    container = group["template"]["spec"]["containers"][0]
-    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    assert gpus >= 1
-    # one replica per GPU, so the group must be able to grow to max_replicas GPUs
-    assert group["maxReplicas"] * gpus >= args.replicas.max_replicas
-    cpus = int(container["resources"]["limits"]["cpu"])
-    assert cpus >= args.replicas.num_cpus
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = [g for _, g in pod_groups(doc)[1:]]
+    for args in serve_args(doc):
+        assert args.replicas.num_gpus >= 1 and args.engine.device == "cuda"
+        on_node = ranks_per_node(args)  # ranks placed together need one node's GPUs and CPUs
+        cpus = args.replicas.num_cpus + (on_node - 1) * getattr(args.replicas, "worker_num_cpus", 0)
+        fitting = []
+        for group in groups:
+            limits = ray_container(group)["resources"]["limits"]
+            gpus = int(limits.get("nvidia.com/gpu", 0))
+            if gpus >= on_node * args.replicas.num_gpus and int(limits["cpu"]) >= cpus:
+                fitting.append(group["maxReplicas"] * gpus)
+        # the autoscaler must be able to grow the cluster to max_replicas replicas' GPUs
+        needed = args.replicas.max_replicas * ranks(args) * args.replicas.num_gpus
+        assert fitting and max(fitting) >= needed, name
 
 
-def test_model_folder_is_on_a_mounted_volume_of_the_gpu_workers():
-    doc = rayservices()[0][1]
-    args = PagodaArgs.model_validate(
-        yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"])
-    for group in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+@pytest.mark.parametrize("name,doc", rayservices(), ids=lambda v: v if isinstance(v, str) else "")
+def test_model_folder_is_on_a_mounted_volume_of_the_gpu_workers(name, doc):
+    models = [args.model for args in serve_args(doc)]
+    for group_name, group in pod_groups(doc)[1:]:
         spec = group["template"]["spec"]
         volumes = {v["name"] for v in spec["volumes"]}
-        mounts = spec["containers"][0]["volumeMounts"]
+        mounts = ray_container(group)["volumeMounts"]
         assert {m["name"] for m in mounts} <= volumes
-        assert any(args.model.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts)
+        for model in models:
+            assert any(model.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts), \
+                (group_name, model)
         assert all(c.get("readinessProbe") and c.get("livenessProbe")
                    for c in spec["containers"])
 
 
 def test_cpu_config_fits_two_cores():
     args = PagodaArgs.model_validate(
-        yaml.safe_load(SERVE_CONFIGS[0].read_text())["applications"][0]["args"])
+        yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())["applications"][0]["args"])
     assert (args.replicas.min_replicas, args.replicas.max_replicas) == (1, 2)
     assert args.replicas.num_gpus == 0
     needed = args.replicas.max_replicas * args.replicas.num_cpus \
@@ -163,24 +129,6 @@ def test_dockerfile_copies_existing_paths():
     assert "requirements.txt" in sources and "workers" in sources and "app" in sources
     for source in sources:
         assert (ROOT / source).exists(), source
-
-
-def exported_names() -> set[str]:
-    """Every sample name Prometheus scrapes from the ingress and, via Ray, the replicas."""
-    from ray.util import metrics as ray_metrics
-
-    from app.metrics import Metrics
-    from workers.replica_metrics import ReplicaMetrics
-
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
-    names = {family.name + s for family in Metrics("m").registry.collect()
-             for s in suffixes[family.type]}
-    kinds = {ray_metrics.Counter: "counter", ray_metrics.Histogram: "histogram",
-             ray_metrics.Gauge: "gauge"}
-    for metric in vars(ReplicaMetrics("m", "r")).values():
-        if type(metric) in kinds:
-            names |= {"ray_" + metric._name + s for s in suffixes[kinds[type(metric)]]}
-    return names
 
 
 def test_grafana_dashboard_charts_only_exported_metrics():
