@@ -6,14 +6,13 @@ reads the model's answer whatever the template.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import string
 from typing import Any
 
 import jinja2
 
 from app.errors import bad_request
+from app.parsers.mistral import TOOL_CALLS, nine_char_id
 from app.protocol import ChatMessage, Tool
 
 TOOLS_PROMPT = """# Tools
@@ -31,7 +30,6 @@ For each function call, return a json object with function name and arguments wi
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
 
-ALPHANUMERIC = string.ascii_letters + string.digits
 # arguments we pass ourselves; a request cannot override them through chat_template_kwargs
 RESERVED_KWARGS = {"conversation", "messages", "tools", "add_generation_prompt",
                    "continue_final_message", "tokenize", "chat_template", "return_dict"}
@@ -56,15 +54,6 @@ def tool_call_text(name: str, arguments: str) -> str:
     return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
 
 
-def nine_char_id(call_id: str | None) -> str | None:
-    """Mistral's templates take only 9-character alphanumeric call ids; any other id maps to
-    one derived from it, so a call and its result still share an id."""
-    if call_id is None or (len(call_id) == 9 and all(c in ALPHANUMERIC for c in call_id)):
-        return call_id
-    digest = hashlib.sha256(call_id.encode()).digest()
-    return "".join(ALPHANUMERIC[b % len(ALPHANUMERIC)] for b in digest[:9])
-
-
 def parse_arguments(arguments: str) -> Any:
     try:
         return json.loads(arguments)
@@ -78,7 +67,7 @@ class ChatTemplate:
         source = tokenizer.chat_template or ""
         self.knows_tools = "tools" in source
         self.knows_tool_calls = "tool_calls" in source
-        self.nine_char_ids = "[TOOL_CALLS]" in source
+        self.nine_char_ids = TOOL_CALLS in source
 
     def call_id(self, call_id: str | None) -> str | None:
         return nine_char_id(call_id) if self.nine_char_ids else call_id

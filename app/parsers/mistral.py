@@ -7,8 +7,10 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import string
 
 from app.parsers.base import StepParser
 from app.parsers.call import JsonObjectReader
@@ -20,6 +22,7 @@ ARGS = "[ARGS]"
 CALL_ID = "[CALL_ID]"
 NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 LAYOUT = " \t\r\n,"
+ALPHANUMERIC = string.ascii_letters + string.digits
 
 
 class MistralParser(StepParser):
@@ -133,3 +136,12 @@ def could_be_named_head(text: str) -> bool:
         rest = rest[ident.end():] if ident else rest[len(CALL_ID):]
         return not rest or ARGS.startswith(rest)
     return not rest or ARGS.startswith(rest) or CALL_ID.startswith(rest)
+
+
+def nine_char_id(call_id: str | None) -> str | None:
+    """Mistral's templates take only 9-character alphanumeric call ids; any other id maps to
+    one derived from it, so a call and its result still share an id."""
+    if call_id is None or (len(call_id) == 9 and all(c in ALPHANUMERIC for c in call_id)):
+        return call_id
+    digest = hashlib.sha256(call_id.encode()).digest()
+    return "".join(ALPHANUMERIC[b % len(ALPHANUMERIC)] for b in digest[:9])

@@ -11,9 +11,10 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 from parser_helpers import assemble, stream, whole
 
-from app.chat import ChatTemplate, nine_char_id
+from app.chat import ChatTemplate
 from app.chat_output import delta_message
 from app.errors import APIError
+from app.parsers.mistral import nine_char_id
 from app.parsers.registry import TOOL_PARSERS, choose_parsers
 from app.protocol import ChatMessage, Tool
 from app.streaming import ChatChunks
