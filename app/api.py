@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.chat_completions import create_chat_completion
 from app.completions import create_completion
@@ -106,15 +107,7 @@ def build_app(client: Any, settings: Settings | None = None,
         ingress.check_model(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise APIError(400, "Send exactly one of prompt or messages.", param="prompt")
-        if request.messages is not None:
-            text = ingress.template.render(
-                request.messages, request.tools,
-                add_generation_prompt=request.add_generation_prompt,
-                template_kwargs=request.chat_template_kwargs)
-            tokens = ingress.template.encode(text)
-        else:
-            tokens = ingress.tokenizer.encode(request.prompt,
-                                              add_special_tokens=request.add_special_tokens)
+        tokens = await run_in_threadpool(tokenize_request, ingress, request)
         return JSONResponse(TokenizeResponse(tokens=tokens, count=len(tokens),
                                              max_model_len=ingress.limits.max_model_len)
                             .model_dump())
@@ -124,10 +117,19 @@ def build_app(client: Any, settings: Settings | None = None,
         request = await parse_body(raw, DetokenizeRequest)
         ingress.check_model(request.model)
         check_token_ids(request.tokens, ingress.limits.vocab_size, "tokens")
-        text = ingress.tokenizer.decode(request.tokens)
+        text = await run_in_threadpool(ingress.tokenizer.decode, request.tokens)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     return app
+
+
+def tokenize_request(ingress: Ingress, request: TokenizeRequest) -> list[int]:
+    """The token ids a generation request with these messages or this prompt would use."""
+    if request.messages is not None:
+        return ingress.template.prompt(
+            request.messages, request.tools, add_generation_prompt=request.add_generation_prompt,
+            template_kwargs=request.chat_template_kwargs).token_ids()
+    return ingress.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
 
 
 def model_card(ingress: Ingress) -> ModelCard:

@@ -6,7 +6,9 @@ reads the model's answer whatever the template.
 """
 from __future__ import annotations
 
+import inspect
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -14,6 +16,7 @@ import jinja2
 from app.errors import bad_request
 from app.parsers.mistral import TOOL_CALLS, nine_char_id
 from app.protocol import ChatMessage, Tool
+from app.special_tokens import Masker, SpecialTokens
 
 TOOLS_PROMPT = """# Tools
 
@@ -30,9 +33,15 @@ For each function call, return a json object with function name and arguments wi
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
 
-# arguments we pass ourselves; a request cannot override them through chat_template_kwargs
-RESERVED_KWARGS = {"conversation", "messages", "tools", "add_generation_prompt",
-                   "continue_final_message", "tokenize", "chat_template", "return_dict"}
+# names the renderer sets itself (besides apply_chat_template's own parameters)
+TEMPLATE_VARIABLES = {"messages", "tools", "documents", "add_generation_prompt"}
+
+
+def reserved_kwargs(tokenizer: Any) -> frozenset[str]:
+    """Names chat_template_kwargs may not use: they would collide with the renderer's own."""
+    params = inspect.signature(tokenizer.apply_chat_template).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return frozenset(named | TEMPLATE_VARIABLES)
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -61,6 +70,22 @@ def parse_arguments(arguments: str) -> Any:
         return arguments
 
 
+@dataclass
+class ChatPrompt:
+    """Rendered chat text whose client strings are masked (see app/special_tokens.py)."""
+
+    masked: str
+    masker: Masker
+    special: SpecialTokens
+
+    @property
+    def text(self) -> str:
+        return self.masker.unmask(self.masked)
+
+    def token_ids(self) -> list[int]:
+        return self.special.encode(self.masked, self.masker)
+
+
 class ChatTemplate:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -68,6 +93,8 @@ class ChatTemplate:
         self.knows_tools = "tools" in source
         self.knows_tool_calls = "tool_calls" in source
         self.nine_char_ids = TOOL_CALLS in source
+        self.reserved = reserved_kwargs(tokenizer)
+        self.special = SpecialTokens(tokenizer)
 
     def call_id(self, call_id: str | None) -> str | None:
         return nine_char_id(call_id) if self.nine_char_ids else call_id
@@ -120,7 +147,11 @@ class ChatTemplate:
         if continue_final_message and messages[-1].role != "assistant":
             raise bad_request("continue_final_message needs a final assistant message.",
                               "continue_final_message")
-        kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in RESERVED_KWARGS}
+        kwargs = dict(template_kwargs or {})
+        taken = sorted(self.reserved.intersection(kwargs))
+        if taken:
+            raise bad_request(f"chat_template_kwargs cannot set {', '.join(taken)}: the "
+                              "server sets these itself.", "chat_template_kwargs")
         tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
             return self.tokenizer.apply_chat_template(
@@ -135,6 +166,19 @@ class ChatTemplate:
             raise bad_request(f"The chat template could not render these messages: {e}",
                               "messages") from e
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of rendered chat text; the template already wrote any special tokens."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def prompt(self, messages: list[ChatMessage], tools: list[Tool] | None = None,
+               add_generation_prompt: bool = True, continue_final_message: bool = False,
+               template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
+        """The prompt of a request: rendered with every client string masked, so only the
+        template's own special tokens parse as such."""
+        masker = self.special.masker()
+        try:
+            messages = [ChatMessage.model_validate(masker.mask(m.model_dump(exclude_unset=True)))
+                        for m in messages]
+            tools = [Tool.model_validate(masker.mask(t.model_dump(exclude_unset=True)))
+                     for t in tools] if tools else None
+        except RecursionError as e:
+            raise bad_request("The messages or tools are nested too deeply.", "messages") from e
+        masked = self.render(messages, tools, add_generation_prompt, continue_final_message,
+                             masker.mask(template_kwargs or {}))
+        return ChatPrompt(masked, masker, self.special)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.chat_output import ChoiceOutput
 from app.disconnect import collect_unless_disconnected, start_unless_disconnected
@@ -16,7 +17,7 @@ from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.logprobs import chat_logprobs
 from app.metrics import GenerationTimer
-from app.params import chat_schema, per_choice, sampling_params
+from app.params import chat_schema, check_prompt_chars, per_choice, sampling_params
 from app.parsers.registry import RequestParsers
 from app.protocol import (
     AssistantMessage,
@@ -48,6 +49,8 @@ class ChatPlan:
 
 def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "messages"
               ) -> ChatPlan:
+    """Renders, tokenizes and checks a request; run it in a thread (`run_in_threadpool`):
+    on large inputs that takes long enough to hold up every other client."""
     ingress.check_model(request.model)
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
@@ -55,12 +58,13 @@ def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "mes
     forced = tools_on and (request.tool_choice == "required"
                            or isinstance(request.tool_choice, NamedToolChoice))
     schema = chat_schema(request)
-    prompt = ingress.template.render(
+    prompt = ingress.template.prompt(
         request.messages, request.tools if tools_on else None,
         add_generation_prompt=request.add_generation_prompt,
         continue_final_message=request.continue_final_message,
         template_kwargs=request.chat_template_kwargs)
-    prompt_ids = ingress.template.encode(prompt)
+    check_prompt_chars(len(prompt.masked), ingress.limits, what)
+    prompt_ids = prompt.token_ids()
     max_tokens = request.max_completion_tokens
     if max_tokens is None:
         max_tokens = request.max_tokens
@@ -68,15 +72,15 @@ def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "mes
     params = sampling_params(request, prompt_len=len(prompt_ids), limits=ingress.limits,
                              max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
                              json_schema=schema, what=what)
-    parsers = ingress.parsers.for_request(tools_on, forced, prompt)
+    parsers = ingress.parsers.for_request(tools_on, forced, prompt.text)
     if parsers.keeps_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
-    return ChatPlan(prompt, prompt_ids, params, parsers)
+    return ChatPlan(prompt.text, prompt_ids, params, parsers)
 
 
 async def create_chat_completion(ingress: Ingress, request: ChatCompletionRequest,
                                  raw: Request) -> Response:
-    plan = plan_chat(ingress, request)
+    plan = await run_in_threadpool(plan_chat, ingress, request)
     prompt_ids, params = plan.prompt_ids, plan.params
     top_n = request.top_logprobs or 0
     response_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import bad_request
@@ -14,7 +15,14 @@ from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.logprobs import completion_logprobs, merge_completion_logprobs
 from app.metrics import GenerationTimer
-from app.params import check_token_ids, per_choice, sampling_params, schema_of_response_format
+from app.params import (
+    check_choices,
+    check_prompt_chars,
+    check_token_ids,
+    per_choice,
+    sampling_params,
+    schema_of_response_format,
+)
 from app.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -81,6 +89,7 @@ def read_prompts(ingress: Ingress, request: CompletionRequest) -> list[Prompt]:
     prompts = []
     for item in items:
         if isinstance(item, str):
+            check_prompt_chars(len(item), ingress.limits, "prompt")
             prompts.append(Prompt(item, ingress.tokenizer.encode(item)))
         else:
             check_token_ids(item, ingress.limits.vocab_size, "prompt")
@@ -102,25 +111,9 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
     ingress.check_model(request.model)
     if request.suffix:
         raise bad_request("suffix is not supported.", "suffix")
-    prompts = read_prompts(ingress, request)
-    schema = schema_of_response_format(request.response_format)
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    jobs, outputs = [], []
-    for p, prompt in enumerate(prompts):
-        limit = ingress.limits.max_model_len
-        max_tokens = request.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, limit - len(prompt.token_ids)))
-        params = sampling_params(request, prompt_len=len(prompt.token_ids), limits=ingress.limits,
-                                 max_tokens=max_tokens, logprobs=request.logprobs,
-                                 json_schema=schema, what="prompt")
-        if request.echo and request.logprobs is not None:
-            params.prompt_logprobs = request.logprobs
-        for i in range(request.n):
-            index = p * request.n + i
-            jobs.append(Job(index, prompt.token_ids, per_choice(params, i),
-                            f"{response_id}-{index}"))
-            outputs.append(CompletionOutput(index, prompt, request.echo, request.logprobs))
+    # tokenizing and schema checks of large inputs must not hold up the event loop
+    prompts, jobs, outputs = await run_in_threadpool(plan, ingress, request, response_id)
     ingress.log_prompt(response_id, [p.text for p in prompts])
     timer = ingress.metrics.timer("completions", getattr(raw.state, "arrival", time.monotonic()))
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
@@ -149,6 +142,31 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
                                   usage=usage_of(prompts, outputs))
     raw.state.finish_reason = choices[0].finish_reason
     return JSONResponse(response.model_dump())
+
+
+def plan(ingress: Ingress, request: CompletionRequest, response_id: str
+         ) -> tuple[list[Prompt], list[Job], list[CompletionOutput]]:
+    """The prompts, one engine job per prompt and choice, and the outputs they fill."""
+    prompts = read_prompts(ingress, request)
+    check_choices(len(prompts), request.n, ingress.limits)
+    schema = schema_of_response_format(request.response_format)
+    jobs, outputs = [], []
+    for p, prompt in enumerate(prompts):
+        limit = ingress.limits.max_model_len
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, limit - len(prompt.token_ids)))
+        params = sampling_params(request, prompt_len=len(prompt.token_ids), limits=ingress.limits,
+                                 max_tokens=max_tokens, logprobs=request.logprobs,
+                                 json_schema=schema, what="prompt")
+        if request.echo and request.logprobs is not None:
+            params.prompt_logprobs = request.logprobs
+        for i in range(request.n):
+            index = p * request.n + i
+            jobs.append(Job(index, prompt.token_ids, per_choice(params, i),
+                            f"{response_id}-{index}"))
+            outputs.append(CompletionOutput(index, prompt, request.echo, request.logprobs))
+    return prompts, jobs, outputs
 
 
 async def collect(ingress: Ingress, fanout: Fanout, outputs: list[CompletionOutput],

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -17,24 +16,32 @@ class ClientGone(Exception):
 
 
 async def wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+    try:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+    except Exception:  # noqa: BLE001 - Serve's receive channel fails once the proxy let go
+        return
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or ClientGone if the client left first (then `work` is cancelled).
+
+    Both tasks are awaited to the end and their outcomes read, whatever happens, so no task
+    is left running or holding an exception nobody retrieves."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for pending in (task, watcher):
-            if not pending.done():
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
-    if not task.done() or task.cancelled():
+            pending.cancel()
+        await asyncio.wait({task, watcher})
+        for done in (task, watcher):
+            if not done.cancelled():
+                done.exception()  # read here; the task's is raised again below
+    if task.cancelled():
         raise ClientGone()
     return task.result()
 

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from app.protocol import ErrorInfo, ErrorResponse
 from workers.errors import (
@@ -89,6 +90,8 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
     if isinstance(exc, RequestValidationError | ValidationError):
         message, param = describe_validation(exc.errors())
         return bad_request(message, param)
+    if isinstance(exc, ClientDisconnect):  # left while sending its body; nobody reads this
+        return APIError(499, "The client closed the request.", code="client_closed_request")
     if isinstance(exc, HTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type=kind,

@@ -12,7 +12,7 @@ from app.chat import ChatTemplate
 from app.errors import bad_request, model_not_found
 from app.logprobs import TokenTexts
 from app.metrics import Metrics
-from app.params import Limits
+from app.params import Limits, prompt_chars_bound
 from app.parsers.registry import ParserChoice, choose_parsers
 from app.settings import Settings
 
@@ -47,7 +47,11 @@ class Ingress:
             client=client, settings=settings, tokenizer=tokenizer,
             template=ChatTemplate(tokenizer), texts=TokenTexts(tokenizer),
             metrics=Metrics(name, stats if callable(stats) else None), model_name=name,
-            limits=Limits(config.max_model_len, vocab_size, settings.max_n), parsers=parsers,
+            limits=Limits(config.max_model_len, vocab_size, settings.max_n,
+                          prompt_chars_bound(config.max_model_len, tokenizer),
+                          settings.max_choices or config.max_num_seqs
+                          + config.max_waiting_requests),
+            parsers=parsers,
         )
 
     def check_model(self, name: str | None) -> None:
@@ -70,6 +74,10 @@ async def parse_body(request: Request, model: type) -> Any:
         raise bad_request(f"The request body is not UTF-8 JSON: {e.reason}.") from e
     except RecursionError as e:  # the parser recurses once per level of nesting
         raise bad_request("The request body is nested too deeply.") from e
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # an integer beyond Python's int-from-string digit limit
+        raise bad_request("The request body has a number with too many digits.") from e
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
     return model.model_validate(data)

@@ -2,7 +2,9 @@
 (context length, n, token ids, schemas), each failing as a 400 that names the parameter."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import jsonschema
 
@@ -11,12 +13,42 @@ from app.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest,
 from workers.errors import ContextLengthError
 from workers.sampling_params import MAX_LOGPROBS, SamplingParams
 
+TOKEN_ID = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: "²" and "１" pass isdigit()
+MAX_SCHEMA_DEPTH = 64  # levels of objects and arrays; validators recurse once per level
+
 
 @dataclass(frozen=True)
 class Limits:
     max_model_len: int
     vocab_size: int
     max_n: int
+    max_prompt_chars: int | None = None  # longer text cannot fit the context, however tokenized
+    max_choices: int | None = None  # engine calls one request may have at once (prompts x n)
+
+
+def prompt_chars_bound(max_model_len: int, tokenizer: Any) -> int:
+    """Characters beyond which no text fits max_model_len tokens: no token covers more
+    characters than the longest vocabulary entry (4x spare for normalizers that merge)."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_model_len * longest * 4
+
+
+def check_choices(prompts: int, n: int, limits: Limits) -> None:
+    """Every choice of a request runs at once: more than the replicas hold can never start."""
+    if limits.max_choices is not None and prompts * n > limits.max_choices:
+        raise bad_request(
+            f"This request asks for {prompts * n} completions ({prompts} prompts x n={n}), "
+            f"more than the {limits.max_choices} the model replicas can hold at once. Send "
+            "fewer prompts per request or a smaller n.", "n" if n > 1 else "prompt")
+
+
+def check_prompt_chars(chars: int, limits: Limits, what: str) -> None:
+    """A text too long for the context is rejected before it is tokenized."""
+    if limits.max_prompt_chars is not None and chars > limits.max_prompt_chars:
+        raise ContextLengthError(
+            f"This model's maximum context length is {limits.max_model_len} tokens. However, "
+            f"your {what} has {chars} characters, more than that many tokens could hold. "
+            f"Please reduce the length of the {what}.", what)
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
@@ -77,13 +109,28 @@ def chat_schema(request: ChatCompletionRequest) -> dict | None:
     return tool_call_schema(request.tools, name)
 
 
+def nesting_depth(value: object) -> int:
+    """Levels of dicts and lists in a JSON value, counted without recursion."""
+    depth, level = 0, [value]
+    while level:
+        level = [child for item in level if isinstance(item, dict | list)
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        depth += 1
+    return depth - 1
+
+
 def check_schema(schema: dict | None, param: str) -> None:
     if schema is None:
         return
+    if nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise bad_request(f"The JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.",
+                          param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise bad_request(f"Invalid JSON schema: {e.message}", param) from e
+    except RecursionError as e:  # self-referencing or deep $refs
+        raise bad_request("The JSON schema is nested too deeply.", param) from e
 
 
 def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits,
@@ -100,7 +147,7 @@ def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits
                           "logprobs")
     bias: dict[int, float] = {}
     for key, value in (request.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
+        if not TOKEN_ID.fullmatch(key):
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
         bias[int(key)] = value
     check_token_ids(list(bias), limits.vocab_size, "logit_bias")

@@ -51,8 +51,11 @@ class ChatMessage(Request):
     tool_call_id: str | None = None
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for tool and function names
+
+
 class FunctionDefinition(Request):
-    name: str
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
@@ -63,7 +66,7 @@ class Tool(Request):
 
 
 class NamedFunction(Request):
-    name: str
+    name: str = Field(pattern=FUNCTION_NAME)
 
 
 class NamedToolChoice(Request):

@@ -34,6 +34,7 @@ class PagodaIngress:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.client = ReplicaClient(replica, config, tokenizer)
         self.settings = dataclasses.replace(Settings.from_env(),
+                                            max_choices=parsed.replicas.max_choices(),
                                             **parsed.api.model_dump(exclude_none=True))
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -64,6 +64,12 @@ class ReplicaArgs(BaseModel):
             raise ValueError("target_ongoing_requests must not exceed max_ongoing_requests")
         return self
 
+    def max_choices(self) -> int | None:
+        """Engine calls the replicas can hold at once, running or queued; None: unbounded."""
+        if self.max_queued_requests < 0:
+            return None
+        return self.max_replicas * self.max_ongoing_requests + self.max_queued_requests
+
     def deployment_options(self) -> dict[str, Any]:
         actor_options: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
@@ -110,6 +116,7 @@ class ApiArgs(BaseModel):
     max_n: int | None = Field(None, ge=1)
     log_prompts: bool | None = None
     retry_after_s: int | None = Field(None, ge=0)
+    max_request_bytes: int | None = Field(None, ge=1)
     response_store_records: int | None = Field(None, ge=1)
     response_store_mb: int | None = Field(None, ge=1)
 

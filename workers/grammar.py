@@ -3,11 +3,28 @@ logits."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import torch
 import xgrammar as xgr
 
 from workers.errors import InvalidRequestError
+
+logger = logging.getLogger("pagoda.engine")
+
+# xgrammar prefixes its messages with a time and its C++ source location
+SOURCE_PREFIX = re.compile(r"^\s*(\[[0-9:]+\]\s*)?\S+\.(cc|h|cpp|py):\d+:\s*")
+SOURCE_PATH = re.compile(r"\S+\.(cc|h|hpp|cpp|py)\b")
+
+
+def schema_problem(error: Exception) -> str:
+    """What the compiler found wrong with a schema, without where in the library it did."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    reason = SOURCE_PREFIX.sub("", first).strip().rstrip(".")
+    if not reason or SOURCE_PATH.search(reason) or len(reason) > 200:
+        return "it uses a feature constrained decoding does not support"
+    return reason
 
 
 class GrammarCompiler:
@@ -41,9 +58,12 @@ class GrammarCompiler:
             compiled = self._compile(schema, ebnf)
         except Exception as e:  # xgrammar raises several types for unsupported grammars
             if ebnf is not None:
-                raise InvalidRequestError(f"invalid grammar: {e}",
+                logger.info("grammar rejected by the grammar compiler: %s", e)
+                raise InvalidRequestError(f"The grammar cannot be used: {schema_problem(e)}.",
                                           param="structured_outputs.grammar") from e
-            raise InvalidRequestError(f"invalid JSON schema: {e}", param="response_format") from e
+            logger.info("JSON schema rejected by the grammar compiler: %s", e)
+            raise InvalidRequestError(f"The JSON schema cannot be used: {schema_problem(e)}.",
+                                      param="response_format") from e
         return Grammar(xgr.GrammarMatcher(compiled), self.vocab_size)
 
 

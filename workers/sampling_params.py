@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from workers.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (dividing by them overflows)
+INT64_MAX = 2**63 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -38,6 +41,8 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self.validate()
+        if self.temperature < SAMPLING_EPS:
+            self.temperature = 0.0
 
     def _bad(self, param: str, message: str) -> None:
         raise InvalidRequestError(message, param=param)
@@ -49,8 +54,13 @@ class SamplingParams:
             self._bad("temperature", f"temperature must be in [0, 2], got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             self._bad("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < -1:
-            self._bad("top_k", f"top_k must be -1 (disabled) or positive, got {self.top_k}.")
+        if not -1 <= self.top_k <= INT64_MAX:
+            self._bad("top_k", f"top_k must be -1 (disabled) or a positive 64-bit integer, "
+                      f"got {self.top_k}.")
+        low, high = SEED_RANGE
+        if self.seed is not None and not low <= self.seed <= high - (self.n - 1):
+            self._bad("seed", f"seed must be in [{low}, {high}] (choice i uses seed + i, so "
+                      f"at most {high - (self.n - 1)} with n={self.n}), got {self.seed}.")
         if not 0.0 <= self.min_p <= 1.0:
             self._bad("min_p", f"min_p must be in [0, 1], got {self.min_p}.")
         if not -2.0 <= self.presence_penalty <= 2.0:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.chat_completions import plan_chat
 from app.chat_output import ChoiceOutput
@@ -115,7 +116,7 @@ async def create_response(ingress: Ingress, store: ResponseStore, request: Respo
         history = previous["input"] + previous["response"]["output"]
     items = history + request_items(request)
     messages = to_messages(request.instructions, items, first_new=len(history))
-    plan = plan_chat(ingress, chat_request(request, messages), what="input")
+    plan = await run_in_threadpool(plan_chat, ingress, chat_request(request, messages), "input")
     run = ResponseRun(ingress, request, items, len(plan.prompt_ids), plan.parsers)
     ingress.log_prompt(run.response.id, plan.prompt)
     timer = ingress.metrics.timer("responses", getattr(raw.state, "arrival", time.monotonic()))

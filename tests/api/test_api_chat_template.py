@@ -33,7 +33,8 @@ def test_matches_transformers_rendering(template, tokenizer):
     expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
                                              tokenize=False)
     assert template.render(messages(*conversation)) == expected
-    assert template.encode(expected) == tokenizer.encode(expected, add_special_tokens=False)
+    assert template.prompt(messages(*conversation)).token_ids() == \
+        tokenizer.encode(expected, add_special_tokens=False)
 
 
 def test_content_parts_join_as_text(template):
@@ -88,6 +89,8 @@ def test_template_kwargs_reach_the_template(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = "{{ greeting }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
     template = ChatTemplate(tokenizer)
-    rendered = template.render(messages({"role": "user", "content": "x"}),
-                               template_kwargs={"greeting": "hello", "tokenize": True})
-    assert rendered == "hello|x"  # and `tokenize` cannot be overridden: still text
+    turns = messages({"role": "user", "content": "x"})
+    assert template.render(turns, template_kwargs={"greeting": "hello"}) == "hello|x"
+    with pytest.raises(APIError) as info:  # the renderer's own arguments cannot be overridden
+        template.render(turns, template_kwargs={"greeting": "hello", "tokenize": True})
+    assert info.value.status == 400 and info.value.param == "chat_template_kwargs"

@@ -89,7 +89,6 @@ def test_unknown_model_is_404(http):
     (b"", {"content-type": "application/json"}),
     (b"[1, 2]", {"content-type": "application/json"}),
     (b"\xff\xfe\xfa", {"content-type": "application/json"}),
-    (b"messages=hi", {"content-type": "application/x-www-form-urlencoded"}),
 ])
 def test_non_json_bodies_are_400(http, content, headers):
     error_of(http.post("/v1/chat/completions", content=content, headers=headers), 400)

@@ -61,3 +61,51 @@ def wait_settled(app: ServeApp, timeout_s: float = SETTLE_TIMEOUT_S) -> dict:
         assert app.process.poll() is None, app.log_tail()
         time.sleep(0.5)
     raise AssertionError(f"service did not settle in {timeout_s}s: {loads}")
+
+
+def request_counts(base_url: str) -> dict[tuple[str, str], float]:
+    """The ingress's pagoda_requests_total by (status, finish_reason), over every endpoint."""
+    import re
+
+    import httpx
+
+    counts: dict[tuple[str, str], float] = {}
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    for labels, value in re.findall(r"pagoda_requests_total\{([^}]*)\} (\S+)", text):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        key = (fields["status"], fields["finish_reason"])
+        counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
+
+
+def ingress_logs() -> list[Path]:
+    """Log files of the ingress replica's worker process: Serve's replica log and the
+    worker's stdout/stderr, where asyncio reports unretrieved task exceptions."""
+    import os
+
+    import ray
+    from ray._private.worker import _global_node
+
+    logs = Path(_global_node.get_session_dir_path()) / "logs"
+    names = [n for n in ray.util.list_named_actors(all_namespaces=True)
+             if "#PagodaIngress#" in n["name"]]
+    files = list((logs / "serve").glob("replica_pagoda_PagodaIngress_*.log"))
+    for named in names:
+        actor = ray.get_actor(named["name"], namespace=named["namespace"])
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        files += [*logs.glob(f"worker-*-{pid}.err"), *logs.glob(f"worker-*-{pid}.out")]
+    return files
+
+
+def log_sizes(files: list[Path]) -> dict[Path, int]:
+    return {f: f.stat().st_size for f in files}
+
+
+def logged_since(sizes: dict[Path, int]) -> str:
+    """What the files in `sizes` gained since their sizes were taken."""
+    text = []
+    for path, size in sizes.items():
+        with open(path, "rb") as f:
+            f.seek(size)
+            text.append(f.read().decode(errors="replace"))
+    return "".join(text)

@@ -5,6 +5,8 @@ response starts, after a few events, after a random time, or by abandoning a non
 request. Without aborts those requests would keep the replicas busy for minutes; `settled`
 then requires both replicas idle with every KV block free within seconds. The witnesses must
 finish untouched: the full streaming contract and exactly the tokens they asked for.
+Afterwards the ingress has counted exactly one 499 (finish_reason "abort") per client that
+left and no 5xx, and its log has no traceback.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 import httpx
 import pytest
 
+from .service import ingress_logs, log_sizes, logged_since, request_counts
 from .streams import chat_body, check_completed_chat, read_stream
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -43,7 +46,7 @@ async def drop(http: httpx.AsyncClient, rng: random.Random, index: int) -> str:
     how = rng.choice(["before_headers", "after_events", "after_time", "non_streaming"])
     if how == "before_headers":
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(rng.uniform(0.05, 1.5)), \
+            async with asyncio.timeout(rng.uniform(0.3, 1.5)), \
                     http.stream("POST", path, json=body) as r:
                 await r.aread()
         return how
@@ -86,8 +89,21 @@ async def storm(base_url: str) -> tuple[list[str], list[int]]:
         return left, await witnesses
 
 
+def wait_counted(base_url: str, before: dict, left: int, timeout_s: float = 30) -> dict:
+    """Request counts once the ingress has recorded every dropper (or timeout_s passed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = request_counts(base_url)
+        gone = counts.get(("499", "abort"), 0) - before.get(("499", "abort"), 0)
+        if gone >= left or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.5)
+
+
 def test_disconnect_storm_frees_every_block_and_spares_other_streams(service):
     before = service.snapshot().loads
+    counted = request_counts(service.base_url)
+    logs = log_sizes(ingress_logs())
     left, witnessed = asyncio.run(storm(service.base_url))
     counts = {how: left.count(how) for how in sorted(set(left))}
     print(f"\nstorm: {len(left)} dropped requests {counts}, {len(witnessed)} witness streams "
@@ -99,4 +115,12 @@ def test_disconnect_storm_frees_every_block_and_spares_other_streams(service):
     reached = sum(after[r].num_requests - before[r].num_requests for r in after if r in before)
     # the replicas saw the droppers (those that left before routing never reached one)
     assert reached >= len(left) // 2
+    counts = wait_counted(service.base_url, counted, len(left))
+    change = {key: counts[key] - counted.get(key, 0) for key in counts
+              if counts[key] != counted.get(key, 0)}
+    print(f"ingress requests by (status, finish_reason) during the storm: {change}")
+    assert change.get(("499", "abort"), 0) == len(left)
+    assert not [key for key in change if key[0].startswith("5")]
+    logged = logged_since(logs)
+    assert "Traceback" not in logged and "never retrieved" not in logged, logged[-3000:]
     # the `settled` fixture now requires both replicas idle with every block free
