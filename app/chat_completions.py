@@ -29,7 +29,7 @@ from app.protocol import (
     Usage,
 )
 from app.streaming import ChatChunks, EventStream, sse_body
-from workers.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams
 
 
 def usage_of(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:

@@ -7,7 +7,7 @@ from app.parsers.events import CallStart, Event, Reasoning, Text
 from app.parsers.reasoning import split_reasoning
 from app.parsers.registry import RequestParsers
 from app.protocol import DeltaMessage, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
-from workers.outputs import RequestOutput, TokenLogprob
+from workers.engine.outputs import RequestOutput, TokenLogprob
 
 
 def delta_message(event: Event) -> DeltaMessage:

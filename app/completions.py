@@ -31,7 +31,7 @@ from app.protocol import (
     Usage,
 )
 from app.streaming import CompletionChunks, EventStream, sse_body
-from workers.outputs import RequestOutput
+from workers.engine.outputs import RequestOutput
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 

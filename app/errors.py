@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from app.protocol import ErrorInfo, ErrorResponse
-from workers.errors import (
+from workers.engine.errors import (
     ContextLengthError,
     EngineDeadError,
     InvalidRequestError,

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParams
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagoda.api")
 

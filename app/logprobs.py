@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Any
 
 from app.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
-from workers.outputs import TokenLogprob as EngineLogprob
+from workers.engine.outputs import TokenLogprob as EngineLogprob
 
 
 @lru_cache(maxsize=1)

@@ -10,8 +10,8 @@ import jsonschema
 
 from app.errors import bad_request
 from app.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest, Tool
-from workers.errors import ContextLengthError
-from workers.sampling_params import MAX_LOGPROBS, SamplingParams
+from workers.engine.errors import ContextLengthError
+from workers.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 TOKEN_ID = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: "²" and "１" pass isdigit()
 MAX_SCHEMA_DEPTH = 64  # levels of objects and arrays; validators recurse once per level

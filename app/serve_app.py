@@ -13,12 +13,12 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from app.replica_client import ReplicaClient
 from app.serve_args import PagodaArgs
 from app.settings import Settings
-from workers.config import EngineConfig
-from workers.replica import ModelReplica
-from workers.request_router import PagodaRequestRouter
+from workers.engine.config import EngineConfig
+from workers.replica.deployment import ModelReplica
+from workers.router.replica_client import ReplicaClient
+from workers.router.request_router import PagodaRequestRouter
 
 
 @serve.deployment(name="PagodaIngress")

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.config import DEFAULT_MODEL
-from workers.routing_policy import RoutingPolicy
+from workers.engine.config import DEFAULT_MODEL
+from workers.router.routing_policy import RoutingPolicy
 
 
 class EngineArgs(BaseModel):
@@ -29,7 +29,7 @@ class EngineArgs(BaseModel):
     cuda_graphs: bool | None = None
     num_threads: int | None = Field(None, ge=1)
     seed: int | None = None
-    fault_marker: str | None = None  # testing aid; see workers/fault_injection.py
+    fault_marker: str | None = None  # testing aid; see workers/engine/fault_injection.py
 
 
 class ReplicaArgs(BaseModel):

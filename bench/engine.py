@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.results import markdown_table, update_section
-from workers.config import EngineConfig
-from workers.llm import LLM
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
 
 TEXT = ("The history of paged memory goes back to the Atlas computer, where pages of core were "
         "backed by a drum and mapped on demand. Modern inference servers borrow the same idea "

@@ -7,13 +7,22 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
-from kernels.kv_write import kv_write, kv_write_ref
-from kernels.paged_decode import default_num_splits, paged_decode, paged_decode_ref
-from kernels.paged_prefill import paged_prefill, paged_prefill_ref
-from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rope import build_rope_cache, rope, rope_ref
-from kernels.silu_mul import silu_mul, silu_mul_ref
-from workers.attention import AttentionMetadata, TorchBackend
+from kernels.kv_write import kv_write
+from kernels.paged_decode import default_num_splits, paged_decode
+from kernels.paged_prefill import paged_prefill
+from kernels.reference import (
+    kv_write_ref,
+    paged_decode_ref,
+    paged_prefill_ref,
+    rms_norm_ref,
+    rope_ref,
+    silu_mul_ref,
+)
+from kernels.rms_norm import rms_norm
+from kernels.rope import rope
+from kernels.rope_cache import build_rope_cache
+from kernels.silu_mul import silu_mul
+from workers.engine.attention import AttentionMetadata, TorchBackend
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import openai
 
 from bench.workloads import BenchRequest, Conversation, percentile
-from workers.llm_engine import LLMEngine
-from workers.sampling_params import SamplingParams
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -109,7 +109,7 @@ class Service:
     def replica_loads(self) -> dict:
         import ray
 
-        from workers.load_tracker import find_tracker
+        from workers.tracker.load_tracker import find_tracker
 
         tracker = find_tracker()
         return {} if tracker is None else ray.get(tracker.snapshot.remote()).loads
@@ -128,8 +128,8 @@ def fmt(value: float, digits: int = 0) -> str:
 
 def sweep(args: argparse.Namespace, tokenizer) -> tuple[str, dict[int, tuple[RunStats,
                                                                              RunStats]]]:
-    from workers.config import EngineConfig
-    from workers.llm_engine import LLMEngine
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
 
     levels = [int(c) for c in args.concurrency.split(",")]
     requests = {c: sharegpt_like(tokenizer, max(8, round(args.requests_per_client * c)),

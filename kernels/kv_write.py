@@ -76,12 +76,3 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], ROWS=rows, num_warps=4,
     )
-
-
-def kv_write_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    num_blocks, block_size = k_cache.shape[:2]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = v[keep]

@@ -9,10 +9,8 @@ never on sequence lengths, so a decode step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -190,22 +188,4 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
         )
-    return out
-
-
-def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Gathers each sequence's keys and values and runs fp32 softmax attention."""
-    out = torch.zeros_like(q)
-    block_size = k_cache.shape[1]
-    group = q.shape[1] // k_cache.shape[2]
-    for i, n in enumerate(seq_lens.tolist()):
-        if n == 0:
-            continue
-        blocks = block_tables[i, : math.ceil(n / block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
-        v = v_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
-        out[i] = torch.einsum("hn,nhd->hd", F.softmax(scores, dim=-1), v).to(q.dtype)
     return out

@@ -9,10 +9,7 @@ r // GROUP, head r % GROUP), so each key and value tile feeds the whole GQA grou
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -161,25 +158,4 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         BLOCK_M=block_m, BLOCK_N=block_n, TOKENS=tokens, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
-
-
-def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                      block_tables: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per sequence: gather keys/values, fp32 softmax with the causal mask offset by the prefix."""
-    out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    group = q.shape[1] // k_cache.shape[2]
-    starts = query_start_loc.tolist()
-    for i, n in enumerate(seq_lens.tolist()):
-        lo, hi = starts[i], starts[i + 1]
-        blocks = block_tables[i, : math.ceil(n / block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
-        v = v_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,nhd->hqn", q[lo:hi].float(), k) * scale
-        pos = torch.arange(n - (hi - lo), n, device=q.device)
-        visible = torch.arange(n, device=q.device)[None, :] <= pos[:, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        out[lo:hi] = torch.einsum("hqn,nhd->qhd", F.softmax(scores, dim=-1), v).to(q.dtype)
     return out

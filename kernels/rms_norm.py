@@ -65,12 +65,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             HAS_RESIDUAL=residual is not None, num_warps=4 if hidden <= 4096 else 8,
         )
     return out.view(x.shape), (new_residual.view(x.shape) if residual is not None else x)
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if residual is not None:
-        x = x + residual
-    xf = x.float()
-    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return out.to(x.dtype) * weight, x

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -41,8 +40,3 @@ def silu_mul(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
             x2, out, num_rows, x2.stride(0), out.stride(0), N=d, BLOCK=block, ROWS=rows,
             num_warps=4)
     return out.view(*x.shape[:-1], d)
-
-
-def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up

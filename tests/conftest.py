@@ -4,12 +4,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-
-# Triton picks its interpreter when first imported, which collection of any test may trigger
-# (workers/model.py imports kernels): without a GPU, kernels run in the interpreter.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 MODEL_DIR = os.environ.get("PAGODA_MODEL", "models/smollm2-135m-instruct")
 

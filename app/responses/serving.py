@@ -34,7 +34,7 @@ from app.responses.protocol import (
 )
 from app.responses.store import ResponseStore
 from app.streaming import EventStream, sse_body
-from workers.outputs import RequestOutput
+from workers.engine.outputs import RequestOutput
 
 
 def not_found(response_id: str, param: str | None = None) -> APIError:

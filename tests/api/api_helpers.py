@@ -110,7 +110,7 @@ class DyingClient:
         self.abort, self.stats, self.is_alive = inner.abort, inner.stats, inner.is_alive
 
     async def generate(self, prompt_token_ids, params, request_id):
-        from workers.errors import EngineDeadError
+        from workers.engine.errors import EngineDeadError
 
         stream = self.inner.generate(prompt_token_ids, params, request_id)
         try:

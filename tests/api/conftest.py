@@ -11,8 +11,8 @@ from live_server import MAX_MODEL_LEN, NUM_KV_BLOCKS, serve
 
 @pytest.fixture(scope="session")
 def engine(model_dir):
-    from workers.async_engine import AsyncLLMEngine
-    from workers.config import EngineConfig
+    from workers.engine.async_engine import AsyncLLMEngine
+    from workers.engine.config import EngineConfig
 
     eng = AsyncLLMEngine(EngineConfig(model=model_dir, max_model_len=MAX_MODEL_LEN,
                                       num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=8))

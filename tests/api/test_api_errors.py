@@ -151,8 +151,8 @@ def test_api_key(engine):
 def test_full_queue_is_503_with_retry_after(model_dir):
     from app.api import build_app
     from app.settings import Settings
-    from workers.async_engine import AsyncLLMEngine
-    from workers.config import EngineConfig
+    from workers.engine.async_engine import AsyncLLMEngine
+    from workers.engine.config import EngineConfig
 
     full = AsyncLLMEngine(EngineConfig(model=model_dir, max_model_len=MAX_MODEL_LEN,
                                        num_kv_blocks=16, max_waiting_requests=0))

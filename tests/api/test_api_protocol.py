@@ -17,7 +17,7 @@ from app.protocol import (
     ToolCallDelta,
 )
 from app.streaming import DONE, ChatChunks, CompletionChunks
-from workers.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from workers.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 
 LIMITS = Limits(max_model_len=100, vocab_size=1000, max_n=4)
 MESSAGES = [{"role": "user", "content": "hi"}]

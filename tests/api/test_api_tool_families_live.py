@@ -41,8 +41,8 @@ def driven(tokenizer, text: str, marker: str) -> dict:
 
 @pytest.fixture(scope="module")
 def family_server(request, model_dir, tmp_path_factory):
-    from workers.async_engine import AsyncLLMEngine
-    from workers.config import EngineConfig
+    from workers.engine.async_engine import AsyncLLMEngine
+    from workers.engine.config import EngineConfig
 
     def start(name: str):
         folder = random_model(name, model_dir, str(tmp_path_factory.mktemp(name)))

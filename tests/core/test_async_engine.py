@@ -5,10 +5,10 @@ import asyncio
 
 import pytest
 
-from workers.async_engine import AsyncLLMEngine
-from workers.config import EngineConfig
-from workers.errors import ContextLengthError, QueueFullError
-from workers.sampling_params import SamplingParams
+from workers.engine.async_engine import AsyncLLMEngine
+from workers.engine.config import EngineConfig
+from workers.engine.errors import ContextLengthError, QueueFullError
+from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,9 @@
 """BlockManager in pure Python: ref counts, prefix caching, LRU eviction, no leaks."""
 from __future__ import annotations
 
-from workers.block_manager import BlockManager, compute_block_hashes
-from workers.sampling_params import SamplingParams
-from workers.sequence import Sequence
+from workers.engine.block_manager import BlockManager, compute_block_hashes
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.sequence import Sequence
 
 BS = 4
 

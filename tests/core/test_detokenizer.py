@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from workers.detokenizer import Detokenizer
+from workers.engine.detokenizer import Detokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workers.config import EngineConfig
-from workers.errors import ContextLengthError, InvalidRequestError
-from workers.llm import LLM
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.errors import ContextLengthError, InvalidRequestError
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

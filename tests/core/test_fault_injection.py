@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from workers.async_engine import AsyncLLMEngine
-from workers.config import EngineConfig
-from workers.fault_injection import FaultInjector, InjectedFault
-from workers.llm_engine import LLMEngine
-from workers.sampling_params import SamplingParams
+from workers.engine.async_engine import AsyncLLMEngine
+from workers.engine.config import EngineConfig
+from workers.engine.fault_injection import FaultInjector, InjectedFault
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 
 MARKER = "INJECT-FAULT-HERE"
 

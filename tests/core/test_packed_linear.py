@@ -5,7 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from workers.packed_linear import PACKED_MAX_ROWS, PackedLinear, pack_linears, packing_supported
+from workers.engine.packed_linear import (
+    PACKED_MAX_ROWS,
+    PackedLinear,
+    pack_linears,
+    packing_supported,
+)
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32),
                                 reason="this torch build has no oneDNN")

@@ -1,10 +1,10 @@
 """Scheduler in pure Python, fed hand-made model outputs (no model)."""
 from __future__ import annotations
 
-from workers.block_manager import BlockManager
-from workers.sampling_params import SamplingParams
-from workers.scheduler import Scheduler
-from workers.sequence import Sequence, SequenceStatus
+from workers.engine.block_manager import BlockManager
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import Scheduler
+from workers.engine.sequence import Sequence, SequenceStatus
 
 BS = 4
 

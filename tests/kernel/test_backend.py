@@ -5,8 +5,9 @@ import pytest
 import torch
 from kernel_inputs import ATTN_DTYPES, DEVICE, random_block_tables, random_cache, tolerance
 
-from kernels.backend import FlashBackend, TritonBackend
-from workers.attention import AttentionMetadata, TorchBackend, get_backend
+from workers.engine.attention import AttentionMetadata, TorchBackend
+from workers.engine.backends import get_backend
+from workers.engine.triton_backend import FlashBackend, TritonBackend
 
 
 def make_meta(query_lens: list[int], seq_lens: list[int], block_size: int,

@@ -5,10 +5,10 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, ON_GPU, random_block_tables
 
-from kernels.backend import TritonBackend
-from kernels.rope import build_rope_cache
-from workers.attention import AttentionMetadata
-from workers.cuda_graph import CudaGraphRunner, GraphShape
+from kernels.rope_cache import build_rope_cache
+from workers.engine.attention import AttentionMetadata
+from workers.engine.cuda_graph import CudaGraphRunner, GraphShape
+from workers.engine.triton_backend import TritonBackend
 
 BLOCK_SIZE, NUM_BLOCKS, MAX_MODEL_LEN = 16, 96, 256
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from workers.config import EngineConfig
-from workers.llm import LLM
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, random_cache
 
-from kernels.kv_write import kv_write, kv_write_ref
+from kernels.kv_write import kv_write
+from kernels.reference import kv_write_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

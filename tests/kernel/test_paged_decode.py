@@ -5,7 +5,8 @@ import pytest
 import torch
 from kernel_inputs import ATTN_DTYPES, DEVICE, random_block_tables, random_cache, tolerance
 
-from kernels.paged_decode import default_num_splits, paged_decode, paged_decode_ref
+from kernels.paged_decode import default_num_splits, paged_decode
+from kernels.reference import paged_decode_ref
 
 # (group, head_dim, block_size): GQA ratios 1/3/8 x head dims 64/128, several block sizes
 SHAPES = [(1, 64, 16), (3, 128, 8), (8, 64, 32), (1, 128, 1), (3, 64, 12), (8, 128, 16)]

@@ -5,7 +5,8 @@ import pytest
 import torch
 from kernel_inputs import ATTN_DTYPES, DEVICE, random_block_tables, random_cache, tolerance
 
-from kernels.paged_prefill import paged_prefill, paged_prefill_ref
+from kernels.paged_prefill import paged_prefill
+from kernels.reference import paged_prefill_ref
 
 SHAPES = [(1, 64, 16), (3, 128, 8), (8, 64, 32), (3, 64, 12)]
 

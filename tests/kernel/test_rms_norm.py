@@ -5,7 +5,8 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, tolerance
 
-from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.reference import rms_norm_ref
+from kernels.rms_norm import rms_norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -5,7 +5,9 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, tolerance
 
-from kernels.rope import build_rope_cache, rope, rope_ref
+from kernels.reference import rope_ref
+from kernels.rope import rope
+from kernels.rope_cache import build_rope_cache
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

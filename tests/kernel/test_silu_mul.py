@@ -5,7 +5,8 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, tolerance
 
-from kernels.silu_mul import silu_mul, silu_mul_ref
+from kernels.reference import silu_mul_ref
+from kernels.silu_mul import silu_mul
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -87,7 +87,7 @@ def test_request_raising_inside_the_engine_fails_in_openai_shape(service):
 def test_killing_the_tracker_under_load_loses_no_request(service):
     import ray
 
-    from workers.load_tracker import find_tracker
+    from workers.tracker.load_tracker import find_tracker
 
     async def kill_tracker(http: httpx.AsyncClient) -> None:
         await asyncio.to_thread(wait_running_on, service, 1)

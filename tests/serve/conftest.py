@@ -51,7 +51,7 @@ class ServeApp:
         """The LoadTracker's view, or None while no replica has created it."""
         import ray
 
-        from workers.load_tracker import find_tracker
+        from workers.tracker.load_tracker import find_tracker
 
         tracker = find_tracker()
         return None if tracker is None else ray.get(tracker.snapshot.remote(), timeout=10)

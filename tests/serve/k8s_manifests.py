@@ -127,7 +127,7 @@ def exported_names() -> set[str]:
     from ray.util import metrics as ray_metrics
 
     from app.metrics import Metrics
-    from workers.replica_metrics import ReplicaMetrics
+    from workers.replica.metrics import ReplicaMetrics
 
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     names = {family.name + s for family in Metrics("m").registry.collect()

@@ -28,7 +28,7 @@ from k8s_manifests import (
 
 from app.middleware import CLIENT_CLOSED, OPEN_PATHS
 from tools.grafana_configmap import CONFIGMAP, DASHBOARD, render
-from workers.replica import ModelReplica
+from workers.replica.deployment import ModelReplica
 
 IDS = {"ids": lambda v: v if isinstance(v, str) else ""}
 

@@ -26,7 +26,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from app.serve_args import ApiArgs, EngineArgs, PagodaArgs
 from app.settings import Settings
-from workers.config import EngineConfig
+from workers.engine.config import EngineConfig
 
 
 def test_there_is_a_rayservice_manifest():
@@ -151,7 +151,7 @@ def test_builder_turns_args_into_deployment_options(path):
     from ray.serve._private.build_app import build_app as build_graph
 
     from app.serve_app import build_app
-    from workers.request_router import PagodaRequestRouter
+    from workers.router.request_router import PagodaRequestRouter
 
     raw = yaml.safe_load(path.read_text())["applications"][0]["args"]
     args = PagodaArgs.model_validate(raw)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from app.serve_args import PagodaArgs
-from workers.block_hash import compute_block_hashes
-from workers.routing_policy import ReplicaView, RoutingPolicy, rank_replicas
+from workers.engine.block_hash import compute_block_hashes
+from workers.router.routing_policy import ReplicaView, RoutingPolicy, rank_replicas
 
 HASHES = compute_block_hashes(list(range(100, 164)), 16)
 VIEWS = {"owner": ReplicaView(num_running=3, cached_hashes=frozenset(HASHES)),

@@ -10,10 +10,9 @@ import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve.request_router import PendingRequest, ReplicaID
 
-from workers.block_hash import compute_block_hashes
-from workers.load_tracker import UNKNOWN_VERSION, LoadTracker, ReplicaLoad
-from workers.request_router import PagodaRequestRouter
-from workers.routing_policy import (
+from workers.engine.block_hash import compute_block_hashes
+from workers.router.request_router import PagodaRequestRouter
+from workers.router.routing_policy import (
     ReplicaView,
     RoutingPolicy,
     cached_prefix_blocks,
@@ -21,6 +20,7 @@ from workers.routing_policy import (
     power_of_two,
     rank_replicas,
 )
+from workers.tracker.load_tracker import UNKNOWN_VERSION, LoadTracker, ReplicaLoad
 
 POLICY = RoutingPolicy()
 PROMPT = list(range(100, 180))  # five full blocks of 16

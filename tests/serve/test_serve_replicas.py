@@ -105,7 +105,7 @@ def test_queue_overflow_answers_503_with_retry_after(serve_app):
 def test_killing_the_tracker_falls_back_and_serves(serve_app):
     import ray
 
-    from workers.load_tracker import find_tracker
+    from workers.tracker.load_tracker import find_tracker
 
     serve_app.wait_for_replicas(2)
     ray.kill(find_tracker(), no_restart=True)

@@ -11,8 +11,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from workers.block_manager import BlockManager
-from workers.sequence import Sequence, SequenceStatus
+from workers.engine.block_manager import BlockManager
+from workers.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

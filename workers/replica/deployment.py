@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from workers.config import EngineConfig
-from workers.errors import EngineDeadError
-from workers.load_reporter import LoadReporter
-from workers.outputs import RequestOutput
-from workers.replica_metrics import ReplicaMetrics
-from workers.request_router import PagodaRequestRouter
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.errors import EngineDeadError
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
+from workers.replica.load_reporter import LoadReporter
+from workers.replica.metrics import ReplicaMetrics
+from workers.router.request_router import PagodaRequestRouter
 
 
 @serve.deployment(
@@ -33,7 +33,7 @@ from workers.sampling_params import SamplingParams
 )
 class ModelReplica:
     async def __init__(self, engine_config: dict, report_interval_s: float = 0.25) -> None:
-        from workers.async_engine import AsyncLLMEngine  # torch loads on replicas only
+        from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
 
         config = EngineConfig(**engine_config)
         self.engine = AsyncLLMEngine(config)

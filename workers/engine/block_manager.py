@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from workers.block_hash import compute_block_hashes  # noqa: F401  (re-exported for routers)
-from workers.sequence import Sequence
+from workers.engine.block_hash import compute_block_hashes  # noqa: F401  (re-exported for routers)
+from workers.engine.sequence import Sequence
 
 
 @dataclass

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import rms_norm_ref, rope_ref, silu_mul_ref
+
 
 @dataclass
 class AttentionMetadata:
@@ -127,44 +129,12 @@ class TorchBackend:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (normed, new_residual); with a residual, adds it to x first."""
-        if residual is not None:
-            x = x + residual
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return (out.to(x.dtype) * weight), x
+        return rms_norm_ref(x, weight, eps, residual)
 
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
              cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotary embedding; q/k: [num_tokens, heads, head_dim]."""
-        cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return rope_ref(positions, q, k, cos_sin_cache)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate).mul_(up)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-def get_backend(name: str, device: torch.device):
-    """auto: flash when installed on CUDA, else Triton on CUDA, else the torch reference."""
-    if name == "auto":
-        if device.type != "cuda":
-            return TorchBackend()
-        try:
-            import vllm_flash_attn  # noqa: F401
-            name = "flash"
-        except ImportError:
-            name = "triton"
-    if name == "torch":
-        return TorchBackend()
-    if name == "triton":
-        from kernels.backend import TritonBackend
-        return TritonBackend()
-    if name == "flash":
-        from kernels.backend import FlashBackend
-        return FlashBackend()
-    raise ValueError(f"unknown attention backend {name!r}")
+        return silu_mul_ref(x)

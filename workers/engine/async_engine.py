@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from workers.config import EngineConfig
-from workers.errors import EngineDeadError, QueueFullError
-from workers.llm_engine import LLMEngine
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.errors import EngineDeadError, QueueFullError
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("pagoda.engine")
 STATS_INTERVAL_S = 0.05

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.outputs import TokenLogprob
-from workers.sequence import Sequence
+from workers.engine.outputs import TokenLogprob
+from workers.engine.sequence import Sequence
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Attention backends built on our kernels, with the interface of `workers.attention.TorchBackend`.
+"""Attention backends built on our Triton kernels, with the interface of `attention.TorchBackend`.
 
 TritonBackend runs every op with our Triton kernels. Its decode path (`meta.decode_only`) reads
 only device tensors and Python ints that stay fixed for a captured batch size, so it is safe
@@ -15,7 +15,7 @@ from kernels.paged_prefill import paged_prefill
 from kernels.rms_norm import rms_norm
 from kernels.rope import rope
 from kernels.silu_mul import silu_mul
-from workers.attention import AttentionMetadata
+from workers.engine.attention import AttentionMetadata
 
 
 class TritonBackend:

@@ -7,7 +7,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from workers.model import CausalLM
+from workers.engine.model import CausalLM
 
 # HF name suffix -> (our name suffix, shard index within the fused tensor)
 FUSED = {

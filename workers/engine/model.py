@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.rope import build_rope_cache
-from workers.attention import AttentionMetadata
+from kernels.rope_cache import build_rope_cache
+from workers.engine.attention import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 SUPPORTED = ("llama", "qwen2", "mistral")

@@ -7,17 +7,17 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from workers.block_manager import BlockManager
-from workers.config import EngineConfig
-from workers.detokenizer import Detokenizer
-from workers.errors import ContextLengthError, InvalidRequestError
-from workers.fault_injection import FaultInjector
-from workers.model_runner import ModelRunner
-from workers.outputs import RequestOutput
-from workers.sampler import Sampler
-from workers.sampling_params import SamplingParams
-from workers.scheduler import ScheduledBatch, Scheduler
-from workers.sequence import Sequence, SequenceStatus
+from workers.engine.block_manager import BlockManager
+from workers.engine.config import EngineConfig
+from workers.engine.detokenizer import Detokenizer
+from workers.engine.errors import ContextLengthError, InvalidRequestError
+from workers.engine.fault_injection import FaultInjector
+from workers.engine.model_runner import ModelRunner
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampler import Sampler
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import ScheduledBatch, Scheduler
+from workers.engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger("pagoda.engine")
 
@@ -50,7 +50,7 @@ class LLMEngine:
     @property
     def grammar_compiler(self):
         if self._grammar is None:
-            from workers.grammar import GrammarCompiler  # xgrammar is only needed here
+            from workers.engine.grammar import GrammarCompiler  # xgrammar is only needed here
 
             self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size,
                                             sorted(self.eos_token_ids))

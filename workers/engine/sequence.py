@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from workers.block_hash import ROOT_HASH, hash_block
-from workers.sampling_params import SamplingParams
+from workers.engine.block_hash import ROOT_HASH, hash_block
+from workers.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):
@@ -33,8 +33,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: Any = None  # torch.Generator for seeded sampling
-    grammar: Any = None  # workers.grammar.Grammar when decoding is constrained
-    detokenizer: Any = None  # workers.detokenizer.Detokenizer
+    grammar: Any = None  # workers.engine.grammar.Grammar when decoding is constrained
+    detokenizer: Any = None  # workers.engine.detokenizer.Detokenizer
     prompt_logprobs: list | None = None  # filled during prefill when params ask for them
     _hashes: list[int] = field(default_factory=list, repr=False)
 

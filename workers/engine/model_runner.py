@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.attention import AttentionMetadata, get_backend
-from workers.config import EngineConfig
-from workers.cuda_graph import CudaGraphRunner, GraphShape
-from workers.loader import load_weights
-from workers.model import CausalLM, ModelConfig
-from workers.packed_linear import PackedLinear, pack_linears, packing_supported
-from workers.scheduler import ScheduledBatch
+from workers.engine.attention import AttentionMetadata
+from workers.engine.backends import get_backend
+from workers.engine.config import EngineConfig
+from workers.engine.cuda_graph import CudaGraphRunner, GraphShape
+from workers.engine.loader import load_weights
+from workers.engine.model import CausalLM, ModelConfig
+from workers.engine.packed_linear import PackedLinear, pack_linears, packing_supported
+from workers.engine.scheduler import ScheduledBatch
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.attention import AttentionMetadata
+from workers.engine.attention import AttentionMetadata
 
 
 @dataclass(frozen=True)

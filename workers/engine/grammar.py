@@ -9,7 +9,7 @@ import re
 import torch
 import xgrammar as xgr
 
-from workers.errors import InvalidRequestError
+from workers.engine.errors import InvalidRequestError
 
 logger = logging.getLogger("pagoda.engine")
 

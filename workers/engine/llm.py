@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.config import EngineConfig
-from workers.llm_engine import LLMEngine
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -18,10 +18,10 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import context as serve_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from workers.config import EngineConfig
-from workers.errors import EngineDeadError, EngineError, QueueFullError
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.errors import EngineDeadError, EngineError, QueueFullError
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
 
 
 def engine_error_of(exc: BaseException) -> BaseException:

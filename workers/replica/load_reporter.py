@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ray.exceptions import RayError
 
-from workers.load_tracker import ReplicaLoad, get_or_create_tracker
+from workers.tracker.load_tracker import ReplicaLoad, get_or_create_tracker
 
 logger = logging.getLogger("ray.serve")
 

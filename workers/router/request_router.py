@@ -5,7 +5,7 @@ replica is a local computation with no round-trip per request. When the snapshot
 `snapshot_max_age_s` (tracker killed or unreachable) the router falls back to power of two.
 
 Configured per deployment with
-`request_router_config: {request_router_class: workers.request_router:PagodaRequestRouter}`.
+`request_router_config: {request_router_class: workers.router.request_router:PagodaRequestRouter}`.
 """
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from collections import defaultdict
 from ray.exceptions import RayError
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from workers.block_hash import compute_block_hashes
-from workers.load_tracker import Snapshot, find_tracker
-from workers.routing_policy import (
+from workers.engine.block_hash import compute_block_hashes
+from workers.router.routing_policy import (
     ReplicaView,
     RoutingPolicy,
     power_of_two,
     rank_replicas,
 )
+from workers.tracker.load_tracker import Snapshot, find_tracker
 
 logger = logging.getLogger("ray.serve")
 MAX_EXPECTED_HASHES = 65536

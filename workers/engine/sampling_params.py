@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.errors import InvalidRequestError
+from workers.engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (dividing by them overflows)

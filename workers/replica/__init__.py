@@ -1,0 +1,2 @@
+"""The model-replica process: the Serve deployment around one AsyncLLMEngine, its load reporter
+and its Ray metrics."""
