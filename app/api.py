@@ -1,13 +1,8 @@
-"""The OpenAI-compatible FastAPI app, built around any engine client.
+"""The OpenAI-compatible FastAPI app, built around an `EngineClient` (app/engine_client.py).
 
-`client` is an AsyncLLMEngine or anything that quacks like one (`generate`, `abort`, `stats`,
-`is_alive`, `tokenizer`, `config`), such as the Serve ingress's client of remote replicas.
 Tokenization and chat templates run here; only token ids and SamplingParams reach the engine.
 """
 from __future__ import annotations
-
-import inspect
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.chat_completions import create_chat_completion
 from app.completions import create_completion
+from app.engine_client import EngineClient
 from app.errors import APIError, install_error_handlers
 from app.ingress import Ingress, parse_body
 from app.middleware import RequestContext
@@ -36,7 +32,7 @@ from app.responses.store import LocalStore, ResponseStore
 from app.settings import Settings
 
 
-def build_app(client: Any, settings: Settings | None = None,
+def build_app(client: EngineClient, settings: Settings | None = None,
               store: ResponseStore | None = None) -> FastAPI:
     """`store` keeps Responses API responses; by default, in this process."""
     settings = settings or Settings.from_env()
@@ -82,10 +78,7 @@ def build_app(client: Any, settings: Settings | None = None,
 
     @app.get("/health")
     async def health() -> Response:
-        alive = client.is_alive()
-        if inspect.isawaitable(alive):
-            alive = await alive
-        if not alive:
+        if not client.is_alive():
             raise APIError(503, "The engine is not running.", type="server_error",
                            code="engine_dead")
         return Response(status_code=200)

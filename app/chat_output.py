@@ -33,7 +33,6 @@ class ChoiceOutput:
         self.logprobs: list[TokenLogprob] = []
         self.unsent_logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
-        self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0
 
@@ -42,7 +41,6 @@ class ChoiceOutput:
         if out.logprobs:
             self.logprobs += out.logprobs
             self.unsent_logprobs += out.logprobs
-        self.prompt_tokens = out.prompt_tokens
         self.completion_tokens = out.completion_tokens
         self.cached_tokens = out.cached_tokens
         if out.finish_reason is not None:

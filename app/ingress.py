@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 
 from app.chat import ChatTemplate
+from app.engine_client import EngineClient
 from app.errors import bad_request, model_not_found
 from app.logprobs import TokenTexts
 from app.metrics import Metrics
@@ -21,7 +22,7 @@ logger = logging.getLogger("pagoda.api")
 
 @dataclass
 class Ingress:
-    client: Any  # AsyncLLMEngine or anything with its generate/abort/stats/is_alive
+    client: EngineClient
     settings: Settings
     tokenizer: Any
     template: ChatTemplate
@@ -32,12 +33,11 @@ class Ingress:
     parsers: ParserChoice
 
     @classmethod
-    def create(cls, client: Any, settings: Settings) -> Ingress:
+    def create(cls, client: EngineClient, settings: Settings) -> Ingress:
         config = client.config
         tokenizer = client.tokenizer
         name = settings.served_model_name or config.served_model_name
         vocab_size = config.hf_config.get("vocab_size") or len(tokenizer)
-        stats = getattr(client, "stats", None)
         parsers = choose_parsers(config.hf_config.get("model_type"), tokenizer.chat_template,
                                  settings.tool_parser, settings.reasoning_parser)
         logger.info("model %s: tool parser %s, reasoning parser %s (%s)", name,
@@ -46,7 +46,7 @@ class Ingress:
         return cls(
             client=client, settings=settings, tokenizer=tokenizer,
             template=ChatTemplate(tokenizer), texts=TokenTexts(tokenizer),
-            metrics=Metrics(name, stats if callable(stats) else None), model_name=name,
+            metrics=Metrics(name, client.stats), model_name=name,
             limits=Limits(config.max_model_len, vocab_size, settings.max_n,
                           prompt_chars_bound(config.max_model_len, tokenizer),
                           settings.max_choices or config.max_num_seqs

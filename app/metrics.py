@@ -1,7 +1,6 @@
 """Ingress metrics for Prometheus, prefixed `pagoda_`, in a registry owned by the app."""
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Iterator
 
@@ -24,16 +23,16 @@ ENGINE_GAUGES = {
     "num_waiting": "Requests waiting in the engine.",
     "kv_usage": "Fraction of KV cache blocks in use.",
     "num_free_blocks": "Free KV cache blocks.",
-    "prefix_cache_queries": "Prompt blocks looked up in the prefix cache.",
-    "prefix_cache_hits": "Prompt blocks found in the prefix cache.",
+    "prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits": "Prompt tokens found in the prefix cache.",
     "num_preemptions": "Requests preempted so far.",
 }
 
 
 class EngineStatsCollector(Collector):
-    """Engine gauges read at scrape time, when the client is an in-process engine."""
+    """Engine gauges read at scrape time; an in-process engine has them, replicas export theirs."""
 
-    def __init__(self, stats: Callable[[], object], model: str) -> None:
+    def __init__(self, stats: Callable[[], dict], model: str) -> None:
         self.stats = stats
         self.model = model
 
@@ -41,11 +40,6 @@ class EngineStatsCollector(Collector):
         try:
             stats = self.stats()
         except Exception:  # noqa: BLE001 - a scrape must not fail on a stats hiccup
-            return
-        if inspect.iscoroutine(stats):
-            stats.close()  # a remote client; replicas export their own metrics
-            return
-        if not isinstance(stats, dict):
             return
         for key, help_text in ENGINE_GAUGES.items():
             if isinstance(stats.get(key), int | float):
@@ -55,7 +49,7 @@ class EngineStatsCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, model: str, stats: Callable[[], object] | None = None) -> None:
+    def __init__(self, model: str, stats: Callable[[], dict] | None = None) -> None:
         self.model = model
         self.registry = CollectorRegistry()
         labels = ["model", "endpoint"]

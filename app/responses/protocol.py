@@ -57,8 +57,10 @@ class ReasoningInputItem(Request):
 
 
 def item_kind(value: Any) -> str:
-    kind = value.get("type", "message") if isinstance(value, dict) else value.type
-    return kind if kind in ITEM_KINDS else "unsupported"
+    """The union member an input item validates as; anything unknown fails as UnsupportedItem."""
+    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type",
+                                                                                None)
+    return kind if isinstance(kind, str) and kind in ITEM_KINDS else "unsupported"
 
 
 class UnsupportedItem(Request):
@@ -101,12 +103,12 @@ class TextFormat(Request, Sparse):
 
 class TextConfig(Request, Sparse):
     format: TextFormat = Field(default_factory=TextFormat)
-    verbosity: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
 
 
 class ReasoningConfig(Request):
-    effort: str | None = None
-    summary: str | None = None
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
 
 
 class ResponsesRequest(Request):

@@ -12,6 +12,12 @@ pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
+def test_the_in_process_engine_is_an_engine_client(engine):
+    from app.engine_client import EngineClient
+
+    assert isinstance(engine, EngineClient)
+
+
 def test_tokenize_round_trip_and_chat_prompt_count(http, engine):
     text = "Paris is the capital of France."
     tokenized = http.post("/tokenize", json={"prompt": text}).json()

@@ -107,6 +107,12 @@ def test_unsupported_input_is_a_400_naming_it(item, param):
     assert (error.value.status, error.value.param) == (400, param)
 
 
+@pytest.mark.parametrize("item", [1, "x", {"type": ["message"]}, {"type": None}, {"role": "x"}])
+def test_malformed_items_fail_validation(item):
+    with pytest.raises(ValidationError):
+        ResponsesRequest.model_validate({"input": [item]})
+
+
 def test_text_format_and_tool_choice_map_to_chat():
     request = ResponsesRequest.model_validate({
         "input": "x", "max_output_tokens": 9,

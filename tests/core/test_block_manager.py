@@ -74,6 +74,43 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     assert bm.find_cached_prefix(again) == []
 
 
+def test_hash_collision_is_a_miss(monkeypatch):
+    monkeypatch.setattr("workers.engine.sequence.hash_block", lambda parent, tokens: 7)
+    bm = BlockManager(8, BS)
+    a = seq(list(range(9)), "a")
+    assert bm.allocate(a, 9)
+    a.num_computed_tokens = 9
+    bm.cache_full_blocks(a)
+    assert len(bm.cached) == 1  # every block hashes alike: only the first is registered
+    # same hash, other tokens: no hit, though the hash is cached
+    assert bm.find_cached_prefix(seq([50, 51, 52, 53, 54], "b")) == []
+    # the same tokens still hit
+    assert bm.find_cached_prefix(seq(list(range(5)), "c")) == a.block_table[:1]
+
+
+def test_a_child_block_is_no_hit_after_its_parent_was_reused(monkeypatch):
+    monkeypatch.setattr("workers.engine.sequence.hash_block",
+                        lambda parent, tokens: hash(tokens))  # ignores the prefix
+    bm = BlockManager(3, BS)
+    a = seq([1, 1, 1, 1, 2, 2, 2, 2, 0], "a")
+    assert bm.allocate(a, 9)
+    a.num_computed_tokens = 9
+    bm.cache_full_blocks(a)
+    parent, child = a.block_table[:2]
+    bm.free_seq(a)
+    # evict the parent and refill it with other tokens, leaving the child cached
+    bm.free.move_to_end(parent, last=False)
+    b = seq([3, 3, 3, 3, 0], "b")
+    assert bm.allocate(b, 5) and b.block_table[0] == parent
+    b.num_computed_tokens = 5
+    bm.cache_full_blocks(b)
+    assert bm.blocks[child].hash is not None
+    # [3,3,3,3] then [2,2,2,2]: the first block hits b's, the second must not take a's child,
+    # whose KV was computed after [1,1,1,1]
+    c = seq([3, 3, 3, 3, 2, 2, 2, 2, 0], "c")
+    assert bm.find_cached_prefix(c) == [parent]
+
+
 def test_block_hashes_are_chained_and_match_sequence_hashes():
     tokens = list(range(13))
     hashes = compute_block_hashes(tokens, BS)

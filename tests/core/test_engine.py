@@ -148,6 +148,19 @@ def test_stop_token_ids_min_tokens_and_eos(llm):
     assert eos not in longer.token_ids[:len(ended.token_ids) + 2]
 
 
+def test_prefix_hash_collision_serves_no_other_prompts_kv(llm, monkeypatch):
+    params = SamplingParams(temperature=0, max_tokens=6)
+    prompts = [llm.tokenizer.encode(PROMPTS[2]), llm.tokenizer.encode(PROMPTS[2].upper())]
+    assert len(prompts[1]) > llm.engine.config.block_size
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    monkeypatch.setattr("workers.engine.sequence.hash_block", lambda parent, tokens: 1)
+    first = llm.generate([prompts[0]], params)[0]
+    second = llm.generate([prompts[1]], params)[0]  # every block "hits" the first prompt's
+    assert [first.token_ids, second.token_ids] == expected
+    assert second.cached_tokens == 0
+    assert_all_blocks_free(llm)
+
+
 def max_repeats(token_ids: list[int]) -> int:
     return max(token_ids.count(t) for t in token_ids)
 

@@ -188,3 +188,11 @@ async def test_router_falls_back_to_power_of_two_when_snapshot_is_stale():
     await asyncio.sleep(0.1)
     chosen = await router.choose_replicas(replicas("a", "b", "c"), pending(PROMPT))
     assert len(chosen) == 1 and len(chosen[0]) == 2  # one rank of two: Serve takes the shorter
+
+
+def test_the_replica_client_is_an_engine_client():
+    from app.engine_client import EngineClient
+    from workers.router.replica_client import ReplicaClient
+
+    handle = type("Handle", (), {"options": lambda self, **kw: self})()
+    assert isinstance(ReplicaClient(handle, None, None), EngineClient)

@@ -47,7 +47,11 @@ def test_conversation_and_store_span_ingress_replicas(serve_app):
     first = client.responses.create(input="My name is Ada.", **GREEDY)
     with client.responses.stream(input="What is my name?", previous_response_id=first.id,
                                  **GREEDY) as stream:
-        second = stream.get_final_response()
+        events = list(stream)
+    assert events[-1].type in ("response.completed", "response.incomplete")  # at 20 tokens
+    second = events[-1].response
+    assert second.output_text == "".join(
+        e.delta for e in events if e.type == "response.output_text.delta")
     third = client.responses.create(input="Again?", previous_response_id=second.id, **GREEDY)
     assert third.usage.input_tokens > second.usage.input_tokens > first.usage.input_tokens
     ids = [first.id, second.id, third.id]

@@ -1,8 +1,10 @@
 """Paged KV cache bookkeeping: fixed-size blocks, ref counts, and automatic prefix caching.
 
-A full block is identified by a hash chained over every token before it, so two sequences
-with the same prefix share the same physical blocks. Freed blocks keep their hash and stay
-reusable until the LRU free list hands them out again.
+A full block is found by a hash chained over every token before it, so two sequences with the
+same prefix share the same physical blocks. A hit is trusted only when the block holds the same
+tokens after the same parent block (its id and version), so a hash collision is a miss, never
+another prompt's KV. Freed blocks keep their hash and stay reusable until the LRU free list
+hands them out again.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: int | None = None  # set while the block is registered in the prefix cache
+    version: int = 0  # bumped whenever the block is handed out for new content
+    token_ids: tuple[int, ...] = ()  # what a cached block holds, checked on every hit
+    parent: tuple[int, int] | None = None  # (block id, version) before it; None: first block
 
 
 class BlockManager:
@@ -53,13 +58,21 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hashes = seq.block_hashes(self.block_size)
-        found = []
-        for h in hashes[: (seq.num_tokens - 1) // self.block_size]:
+        found: list[int] = []
+        parent = None
+        for i, h in enumerate(hashes[: (seq.num_tokens - 1) // self.block_size]):
             block_id = self.cached.get(h)
             if block_id is None:
                 break
+            block = self.blocks[block_id]
+            if block.parent != parent or block.token_ids != self._tokens(seq, i):
+                break  # a hash collision
             found.append(block_id)
+            parent = (block_id, block.version)
         return found
+
+    def _tokens(self, seq: Sequence, index: int) -> tuple[int, ...]:
+        return tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] | None = None) -> bool:
         """Give seq blocks for num_new_tokens more tokens; False (and no change) if out of blocks.
@@ -89,6 +102,7 @@ class BlockManager:
             if self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
             block.hash = None
+        block.version += 1
         block.ref_count = 1
         return block_id
 
@@ -102,6 +116,9 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and hashes[i] not in self.cached:
                 block.hash = hashes[i]
+                block.token_ids = self._tokens(seq, i)
+                previous = self.blocks[seq.block_table[i - 1]] if i else None
+                block.parent = (previous.block_id, previous.version) if previous else None
                 self.cached[hashes[i]] = block.block_id
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 

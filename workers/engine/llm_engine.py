@@ -162,26 +162,22 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         seq.token_ids.append(token)
         params = seq.params
-        finish, stop_reason = None, None
+        finish = None
         min_done = seq.num_output_tokens >= params.min_tokens
         if seq.grammar is not None:
             seq.grammar.accept(token)
         is_eos = token in self.eos_token_ids and not params.ignore_eos
         if (token in params.stop_token_ids or is_eos) and min_done:
             # the stop token's own text is not part of the output
-            finish, stop_reason = "stop", token if token in params.stop_token_ids else None
+            finish = "stop"
         else:
-            stop_str = seq.detokenizer.add_token(token, check_stop=min_done)
-            if stop_str is not None:
-                finish, stop_reason = "stop", stop_str
-            elif seq.grammar is not None and seq.grammar.terminated:
+            if seq.detokenizer.add_token(token, check_stop=min_done) is not None or seq.grammar is not None and seq.grammar.terminated:
                 finish = "stop"
         if finish is None and ((params.max_tokens is not None and
                                 seq.num_output_tokens >= params.max_tokens) or
                                seq.num_tokens >= self.config.max_model_len):
             finish = "length"
         if finish is not None:
-            seq.stop_reason = stop_reason
             self._finish(seq, finish)
         return self._output(seq, [token], [logprob] if logprob is not None else [], finish)
 
@@ -201,7 +197,6 @@ class LLMEngine:
             token_ids=tokens,
             logprobs=logprobs if seq.params.logprobs is not None else None,
             finish_reason=finish,
-            stop_reason=seq.stop_reason,
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_output_tokens,
             cached_tokens=seq.num_cached_tokens,

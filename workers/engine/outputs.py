@@ -20,7 +20,6 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
-    stop_reason: str | int | None = None  # the stop string or token id that matched
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -37,7 +36,7 @@ class RequestOutput:
         return RequestOutput(
             request_id=self.request_id, text=self.text + later.text,
             token_ids=self.token_ids + later.token_ids, logprobs=logprobs,
-            finish_reason=later.finish_reason, stop_reason=later.stop_reason,
+            finish_reason=later.finish_reason,
             prompt_tokens=later.prompt_tokens, completion_tokens=later.completion_tokens,
             cached_tokens=later.cached_tokens,
             prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)

@@ -7,7 +7,6 @@ queue (the prefix cache usually makes the recompute cheap).
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -83,8 +82,6 @@ class Scheduler:
             self._count_prefix_lookup(seq, num_cached)
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)

@@ -1,7 +1,6 @@
 """One request's state inside the engine."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -21,7 +20,6 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -29,9 +27,7 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks already in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
     num_preemptions: int = 0
-    first_scheduled_time: float | None = None
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
     generator: Any = None  # torch.Generator for seeded sampling
     grammar: Any = None  # workers.engine.grammar.Grammar when decoding is constrained
     detokenizer: Any = None  # workers.engine.detokenizer.Detokenizer

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
 from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError
@@ -20,19 +19,11 @@ from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.replica.load_reporter import LoadReporter
 from workers.replica.metrics import ReplicaMetrics
-from workers.router.request_router import PagodaRequestRouter
 
 
-@serve.deployment(
-    name="ModelReplica",
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    graceful_shutdown_timeout_s=30,
-    health_check_period_s=5,
-    request_router_config=RequestRouterConfig(request_router_class=PagodaRequestRouter),
-)
+@serve.deployment(name="ModelReplica")  # options and router: ReplicaArgs, in app/serve_app.py
 class ModelReplica:
-    async def __init__(self, engine_config: dict, report_interval_s: float = 0.25) -> None:
+    async def __init__(self, engine_config: dict, report_interval_s: float) -> None:
         from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
 
         config = EngineConfig(**engine_config)

@@ -20,7 +20,7 @@ class LoadReporter:
     """
 
     def __init__(self, replica_id: str, block_size: int, read_stats: Callable[[], dict],
-                 interval_s: float = 0.25, timeout_s: float = 5.0) -> None:
+                 interval_s: float, timeout_s: float = 5.0) -> None:
         self.replica_id = replica_id
         self.block_size = block_size
         self.read_stats = read_stats

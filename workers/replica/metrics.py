@@ -34,9 +34,9 @@ class ReplicaMetrics:
         self.prefix_cache_hit_rate = gauge("pagoda_replica_prefix_cache_hit_rate",
                                            "Prefix-cache hits over queries since start.")
         self.prefix_cache_queries = counter("pagoda_replica_prefix_cache_queries",
-                                            "Prompt blocks looked up in the prefix cache.")
+                                            "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("pagoda_replica_prefix_cache_hits",
-                                         "Prompt blocks found in the prefix cache.")
+                                         "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("pagoda_replica_preemptions",
                                    "Running requests preempted for lack of KV blocks.")
         self.requests = counter("pagoda_replica_requests",

@@ -38,7 +38,7 @@ def engine_error_of(exc: BaseException) -> BaseException:
 
 
 class ReplicaClient:
-    """Quacks like AsyncLLMEngine for `app.api.build_app`, backed by a DeploymentHandle."""
+    """The `app.engine_client.EngineClient` of model replicas, through a DeploymentHandle."""
 
     def __init__(self, handle: Any, config: EngineConfig, tokenizer: Any) -> None:
         self.handle = handle.options(stream=True, method_name="generate")
@@ -96,8 +96,3 @@ class ReplicaClient:
     def is_alive(self) -> bool:
         # replica health is Serve's job: dead replicas are replaced and never routed to
         return True
-
-    async def shutdown(self, drain: bool = True) -> None:
-        if not drain:  # draining is the replicas' job when Serve stops them
-            for request_id in list(self.in_flight):
-                await self.abort(request_id)
