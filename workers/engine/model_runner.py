@@ -79,14 +79,15 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor,
                                                       AttentionMetadata, list[int], list]:
-        """Flatten the batch: input ids, positions, metadata, rows to sample, prompt-logprob rows."""
+        """Flattens the batch: input ids, positions, metadata, rows to sample and prompt-logprob
+        rows."""
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts, seq_lens, sample_rows = [0], [], []
         prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             begin = seq.num_computed_tokens
             input_ids += seq.token_ids[begin:begin + n]
             pos = range(begin, begin + n)
