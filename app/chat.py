@@ -58,6 +58,17 @@ def message_text(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
+def message_chars(messages: list[ChatMessage]) -> int:
+    """Characters of the messages' text: enough to reject a huge prompt before rendering it."""
+    total = 0
+    for message in messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        elif message.content is not None:
+            total += sum(len(part.text or "") for part in message.content)
+    return total
+
+
 def tool_call_text(name: str, arguments: str) -> str:
     return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
 

@@ -9,6 +9,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.chat import message_chars
 from app.chat_output import ChoiceOutput
 from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import bad_request
@@ -57,6 +58,7 @@ def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "mes
     forced = tools_on and (request.tool_choice == "required"
                            or isinstance(request.tool_choice, NamedToolChoice))
     schema = chat_schema(request)
+    check_prompt_chars(message_chars(request.messages), ingress.limits, what)
     prompt = ingress.template.prompt(
         request.messages, request.tools if tools_on else None,
         add_generation_prompt=request.add_generation_prompt,

@@ -16,13 +16,10 @@ class ClientGone(Exception):
 
 
 async def wait_for_disconnect(request: Request) -> None:
-    try:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-    except Exception:  # noqa: BLE001 - Serve's receive channel fails once the proxy let go
-        return
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -119,7 +119,12 @@ class RequestContext:
 
         async def receive_watched() -> Message:
             nonlocal client_left, body_bytes
-            message = await receive()
+            if client_left:
+                return {"type": "http.disconnect"}
+            try:
+                message = await receive()
+            except Exception:  # noqa: BLE001 - Serve's receive channel fails once the proxy
+                message = {"type": "http.disconnect"}  # let go of the request: the client left
             if message["type"] == "http.disconnect":
                 client_left = True
             elif message["type"] == "http.request":

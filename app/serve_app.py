@@ -32,7 +32,8 @@ class PagodaIngress:
         parsed = PagodaArgs.model_validate(args)
         config = EngineConfig(**parsed.engine_kwargs())
         tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.client = ReplicaClient(replica, config, tokenizer)
+        self.client = ReplicaClient(replica, config, tokenizer,
+                                    max_resumes=parsed.replicas.max_resumes)
         self.settings = dataclasses.replace(Settings.from_env(),
                                             max_choices=parsed.replicas.max_choices(),
                                             **parsed.api.model_dump(exclude_none=True))
@@ -52,7 +53,7 @@ def build_app(args: PagodaArgs | dict[str, Any]) -> Application:
     router = RequestRouterConfig(request_router_class=PagodaRequestRouter,
                                  request_router_kwargs=args.router_kwargs())
     replica = ModelReplica.options(
-        **args.replicas.deployment_options(), request_router_config=router,
+        **args.replica_options(), request_router_config=router,
     ).bind(args.engine_kwargs(), args.replicas.report_interval_s)
     return PagodaIngress.options(**args.ingress.deployment_options()).bind(
         replica, args.model_dump(mode="json"))

@@ -20,7 +20,7 @@ class Settings:
     max_n: int = 16
     log_prompts: bool = False  # prompt text in logs is opt-in
     retry_after_s: int = 1  # Retry-After sent with 503 when the queue is full
-    max_request_bytes: int = 16 * 2**20  # larger bodies get 413
+    max_request_bytes: int = 4 * 2**20  # larger bodies get 413 (TGI allows 2 MB)
     max_choices: int | None = None  # engine calls at once per request; None: engine's queue
     response_store_records: int = 1000  # stored Responses API responses, LRU beyond it
     response_store_mb: int = 256  # and their total size
@@ -44,7 +44,7 @@ class Settings:
             max_n=int(os.environ.get("PAGODA_MAX_N", "16")),
             log_prompts=_env_flag("PAGODA_LOG_PROMPTS", False),
             retry_after_s=int(os.environ.get("PAGODA_RETRY_AFTER_S", "1")),
-            max_request_bytes=int(os.environ.get("PAGODA_MAX_REQUEST_BYTES", str(16 * 2**20))),
+            max_request_bytes=int(os.environ.get("PAGODA_MAX_REQUEST_BYTES", str(4 * 2**20))),
             response_store_records=int(os.environ.get("PAGODA_RESPONSE_STORE_RECORDS", "1000")),
             response_store_mb=int(os.environ.get("PAGODA_RESPONSE_STORE_MB", "256")),
         )

@@ -46,7 +46,8 @@ async def drop(http: httpx.AsyncClient, rng: random.Random, index: int) -> str:
     how = rng.choice(["before_headers", "after_events", "after_time", "non_streaming"])
     if how == "before_headers":
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(rng.uniform(0.3, 1.5)), \
+            # long enough for the request to reach the ingress through a busy proxy
+            async with asyncio.timeout(rng.uniform(1.0, 2.5)), \
                     http.stream("POST", path, json=body) as r:
                 await r.aread()
         return how

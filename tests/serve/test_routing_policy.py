@@ -190,6 +190,18 @@ async def test_router_falls_back_to_power_of_two_when_snapshot_is_stale():
     assert len(chosen) == 1 and len(chosen[0]) == 2  # one rank of two: Serve takes the shorter
 
 
+async def test_a_resumed_request_shuns_the_replicas_it_was_lost_on():
+    router = make_router()
+    router.apply(snapshot(LoadTracker(), {"a": (0, HASHES), "b": (5, []), "c": (9, [])}))
+    resumed = pending(PROMPT)
+    resumed.kwargs["avoid_replicas"] = ["a"]
+    ranks = await router.choose_replicas(replicas("a", "b", "c"), resumed)
+    assert [r.replica_id.unique_id for rank in ranks for r in rank] == ["b", "c"]
+    resumed.kwargs["avoid_replicas"] = ["a", "b", "c"]  # nowhere else to go: any replica
+    ranks = await router.choose_replicas(replicas("a", "b", "c"), resumed)
+    assert [r.replica_id.unique_id for rank in ranks for r in rank] == ["a", "b", "c"]
+
+
 def test_the_replica_client_is_an_engine_client():
     from app.engine_client import EngineClient
     from workers.router.replica_client import ReplicaClient

@@ -46,6 +46,10 @@ class Detokenizer:
         self.text = self.text[:idx]
         return stop
 
+    def skip(self, num_chars: int) -> None:
+        """Count the first num_chars of the text as already returned."""
+        self.emitted = min(num_chars, len(self.text))
+
     def take(self, finished: bool) -> str:
         """The text not yet returned, holding back a possible stop-string prefix unless finished."""
         end = len(self.text) if finished or not self.stop else max(self.emitted,

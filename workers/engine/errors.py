@@ -24,4 +24,13 @@ class QueueFullError(EngineError):
 
 
 class EngineDeadError(EngineError):
-    """The engine loop stopped; the replica must be restarted."""
+    """The engine serving a request is gone (its loop stopped or its replica died); the
+    ingress resumes the request on another replica. `replica_id` names the replica when known."""
+
+    def __init__(self, message: str, replica_id: str | None = None) -> None:
+        super().__init__(message)
+        self.replica_id = replica_id
+
+
+class WorkerGroupError(EngineDeadError):
+    """A rank of a replica split over devices failed or died; the replica must be replaced."""

@@ -25,6 +25,10 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 
+    def close(self) -> None:
+        """Stop the engine's worker ranks (an engine split over devices has some)."""
+        self.engine.close()
+
     def generate(self, prompts: list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Run every prompt to completion with continuous batching; results in prompt order."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import AutoTokenizer
@@ -10,7 +11,7 @@ from transformers import AutoTokenizer
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import Detokenizer
-from workers.engine.errors import ContextLengthError, InvalidRequestError
+from workers.engine.errors import ContextLengthError, EngineDeadError, InvalidRequestError
 from workers.engine.fault_injection import FaultInjector
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestOutput
@@ -18,15 +19,24 @@ from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
+from workers.engine.worker import ProcessWorkers, Workers
 
 log = logging.getLogger("pagoda.engine")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 start_workers: Callable[[EngineConfig], Workers] = ProcessWorkers) -> None:
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.runner = ModelRunner(config)
+        # split over devices: this process is rank 0, the other ranks run in workers
+        self.workers = start_workers(config) if config.world_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, 0, self.workers and self.workers.init_method)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.stop()
+            raise
         self.vocab_size = self.runner.model_config.vocab_size
         self.eos_token_ids = self._eos_token_ids()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
@@ -71,7 +81,11 @@ class LLMEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        prior = params.prior_output.token_ids if params.prior_output is not None else []
+        if n + len(prior) >= limit:
+            raise ContextLengthError(f"This model's maximum context length is {limit} tokens; "
+                                     "the resumed request has no room left.", param="max_tokens")
+        bad = [t for t in list(prompt_token_ids) + prior if not 0 <= t < self.vocab_size]
         bad += [t for t in list(params.logit_bias) + params.stop_token_ids
                 if not 0 <= t < self.vocab_size]
         if bad:
@@ -90,9 +104,26 @@ class LLMEngine:
             seq.grammar = self.grammar_compiler.matcher(params.json_schema)
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
+        if params.prior_output is not None:
+            self._replay_prior_output(seq)
         self.seqs[request_id] = seq
         self.faults.watch(request_id, seq.prompt_token_ids)
         self.scheduler.add(seq)
+
+    def _replay_prior_output(self, seq: Sequence) -> None:
+        """Bring a resumed request to where its lost replica left it: the tokens become output,
+        the detokenizer, grammar and seeded generator advance exactly as they did there."""
+        prior = seq.params.prior_output
+        for token in prior.token_ids:
+            seq.token_ids.append(token)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
+            seq.detokenizer.add_token(token, check_stop=seq.num_output_tokens >=
+                                      seq.params.min_tokens)
+            if seq.generator is not None:  # one draw per sampled token, as the sampler does
+                torch.empty(self.vocab_size, device=self.runner.device).exponential_(
+                    generator=seq.generator)
+        seq.detokenizer.skip(prior.num_chars_sent)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.seqs.get(request_id)
@@ -109,6 +140,17 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def workers_alive(self) -> bool:
+        return self.workers is None or self.workers.alive()
+
+    def close(self) -> None:
+        """Stop the worker ranks, if any; the engine is unusable afterwards."""
+        try:
+            self.runner.close()
+        finally:
+            if self.workers is not None:
+                self.workers.stop()
 
     def step(self) -> list[RequestOutput]:
         """One engine step. Requests whose step raised are in `failed` afterwards, not returned."""
@@ -142,6 +184,8 @@ class LLMEngine:
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                         if s.num_computed_tokens + n == s.num_tokens]
             sampled = self.sampler(logits.sample, sampling) if sampling else None
+        except EngineDeadError:  # the replica itself is broken: no request can run alone
+            raise
         except Exception as e:
             if len(batch) > 1:
                 first, second = batch.split()

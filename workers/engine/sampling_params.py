@@ -12,6 +12,15 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
+class PriorOutput:
+    """Output a request already produced on a replica that was lost; the engine continues after
+    it, counting these tokens as output (penalties, min_tokens, max_tokens, stop checks, usage)."""
+
+    token_ids: list[int]
+    num_chars_sent: int  # characters of their text the client already received
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -33,6 +42,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # JSON schema (dict) or {"type": "object"} for json_object; compiled by the grammar module.
     json_schema: dict | None = None
+    prior_output: PriorOutput | None = None  # set when resuming a request on another replica
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,6 +92,11 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 self._bad(name, f"{name} must be in [0, {MAX_LOGPROBS}], got {value}.")
+        if self.prior_output is not None:
+            if self.prompt_logprobs is not None:
+                self._bad("prompt_logprobs", "a resumed request cannot ask for prompt logprobs.")
+            if self.max_tokens is not None and len(self.prior_output.token_ids) >= self.max_tokens:
+                self._bad("max_tokens", "a resumed request has no tokens left to generate.")
         for token, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
                 self._bad("logit_bias", f"logit_bias for token {token} must be in [-100, 100].")

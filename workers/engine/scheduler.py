@@ -90,6 +90,7 @@ class Scheduler:
 
     def _count_prefix_lookup(self, seq: Sequence, num_cached: int) -> None:
         if seq.num_preemptions == 0:  # count each prompt once, not its recomputes
+            num_cached = min(num_cached, seq.num_prompt_tokens)  # a resumed request's output
             seq.num_cached_tokens = num_cached
             self.block_manager.prefix_queries += seq.num_prompt_tokens
             self.block_manager.prefix_hits += num_cached

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -25,10 +26,13 @@ from workers.replica.metrics import ReplicaMetrics
 class ModelReplica:
     async def __init__(self, engine_config: dict, report_interval_s: float) -> None:
         from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
+        from workers.replica.worker_actor import RayWorkers
 
         config = EngineConfig(**engine_config)
-        self.engine = AsyncLLMEngine(config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # split over devices, this actor is rank 0 and the other ranks are its worker actors
+        self.engine = AsyncLLMEngine(
+            config, start_workers=functools.partial(RayWorkers, replica_id=self.replica_id))
         self.metrics = ReplicaMetrics(model=config.served_model_name, replica=self.replica_id)
         self.num_requests = 0
         self.reporter = LoadReporter(self.replica_id, config.block_size, self.read_stats,
@@ -42,8 +46,12 @@ class ModelReplica:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, arrival_time: float | None = None,
+                       avoid_replicas: list[str] | None = None,
                        ) -> AsyncIterator[RequestOutput]:
-        """Streams the engine's deltas; the last one carries finish_reason."""
+        """Streams the engine's deltas; the last one carries finish_reason.
+
+        `avoid_replicas` is read by the request router (a resumed request shuns the replicas
+        it was lost on)."""
         self.num_requests += 1
         start = time.time()
         if arrival_time is not None:
@@ -67,6 +75,8 @@ class ModelReplica:
             raise
         except Exception as e:  # engine errors go back to the ingress as they are
             status = type(e).__name__
+            if isinstance(e, EngineDeadError):  # the ingress resumes it elsewhere
+                e.replica_id = self.replica_id
             raise
         finally:
             self.metrics.e2e.observe(time.time() - start)
@@ -93,8 +103,8 @@ class ModelReplica:
                 "num_requests": self.num_requests}
 
     def check_health(self) -> None:
-        if not self.engine.is_alive():
-            raise EngineDeadError("the engine step loop stopped")
+        if not self.engine.is_alive():  # also when a worker rank of this replica died
+            raise EngineDeadError("the engine step loop or one of its worker ranks stopped")
 
     async def __del__(self) -> None:
         # Serve calls this after in-flight requests finished or graceful_shutdown_timeout_s

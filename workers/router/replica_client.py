@@ -4,14 +4,21 @@
 iterating (client disconnect, n>1 sibling failed) the Serve call is cancelled, which aborts the
 request in that replica's engine. Ray and Serve failures become our typed engine errors, so
 `app/errors.py` answers them like any engine error.
+
+When the replica is lost mid-request (actor died, engine loop dead, replica stopping), the
+request resumes on another replica from the tokens already received: the caller sees one
+continuous stream. After `max_resumes` resumes the error goes to the caller.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -21,7 +28,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError, EngineError, QueueFullError
 from workers.engine.outputs import RequestOutput
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import PriorOutput, SamplingParams
+
+logger = logging.getLogger("pagoda.router")
+RESUME_BACKOFF_S = 0.5  # times the resume number: a second loss in a row may be Serve catching up
 
 
 def engine_error_of(exc: BaseException) -> BaseException:
@@ -37,25 +47,83 @@ def engine_error_of(exc: BaseException) -> BaseException:
     return exc
 
 
+@dataclass
+class Received:
+    """What the caller has received of one request: where a resumed request starts from."""
+
+    token_ids: list[int] = field(default_factory=list)
+    num_chars: int = 0
+    cached_tokens: int | None = None  # the first replica's prefix-cache hit, for usage
+
+    def record(self, out: RequestOutput) -> RequestOutput:
+        self.token_ids += out.token_ids
+        self.num_chars += len(out.text)
+        if self.cached_tokens is None:
+            self.cached_tokens = out.cached_tokens
+        elif out.cached_tokens != self.cached_tokens:
+            out = dataclasses.replace(out, cached_tokens=self.cached_tokens)
+        return out
+
+    def params(self, params: SamplingParams) -> SamplingParams:
+        """The request's params, continuing after what was received."""
+        if not self.token_ids:
+            return params
+        # prompt logprobs came with the first output
+        return dataclasses.replace(params, prompt_logprobs=None, prior_output=PriorOutput(
+            list(self.token_ids), self.num_chars))
+
+
 class ReplicaClient:
     """The `app.engine_client.EngineClient` of model replicas, through a DeploymentHandle."""
 
-    def __init__(self, handle: Any, config: EngineConfig, tokenizer: Any) -> None:
+    def __init__(self, handle: Any, config: EngineConfig, tokenizer: Any,
+                 max_resumes: int = 3) -> None:
         self.handle = handle.options(stream=True, method_name="generate")
         self.config = config
         self.tokenizer = tokenizer
+        self.max_resumes = max_resumes
+        self.num_resumes = 0
         self.in_flight: dict[str, Any] = {}  # request id -> DeploymentResponseGenerator
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
+        received = Received()
+        lost: list[str] = []  # replicas that failed this request, avoided when routing it
+        for resumes in range(self.max_resumes + 1):
+            try:
+                stream = self.stream(prompt_token_ids, received.params(params), request_id, lost)
+                async with contextlib.aclosing(stream):
+                    async for out in stream:
+                        yield received.record(out)
+                return
+            except (EngineDeadError, QueueFullError) as e:
+                # a full queue fails a new request (503) but waits out a resumed one
+                if resumes == self.max_resumes or \
+                        (isinstance(e, QueueFullError) and not received.token_ids):
+                    raise
+                if isinstance(e, EngineDeadError) and e.replica_id:
+                    lost.append(e.replica_id)
+                self.num_resumes += 1
+                logger.warning("request %s lost its replica after %d tokens (%s); resuming",
+                               request_id, len(received.token_ids), type(e.__cause__ or e).__name__)
+                await asyncio.sleep(RESUME_BACKOFF_S * resumes)
+
+    async def stream(self, prompt_token_ids: list[int], params: SamplingParams,
+                     request_id: str, avoid: list[str]) -> AsyncIterator[RequestOutput]:
+        """One attempt on one replica, its failures as typed engine errors."""
         response = None
         final: RequestOutput | None = None
         try:
-            response = self.call(prompt_token_ids, params, request_id, time.time())
+            routing = {"avoid_replicas": list(avoid)} if avoid else {}
+            response = self.call(prompt_token_ids, params, request_id, time.time(), **routing)
             self.in_flight[request_id] = response
             async for out in response:
                 final = out if out.finished else None
                 yield out
+            if final is None:
+                raise EngineDeadError("the model replica ended the stream unfinished")
+        except EngineDeadError:
+            raise
         except Exception as e:
             response = None  # the call is over; cancel() would only re-raise its error
             error = engine_error_of(e)
@@ -68,7 +136,7 @@ class ReplicaClient:
                 with contextlib.suppress(Exception):
                     response.cancel()
 
-    def call(self, *args: Any) -> Any:
+    def call(self, *args: Any, **kwargs: Any) -> Any:
         """`handle.remote(*args)` under a request context with its own internal request id.
 
         Serve gives every call made while serving one HTTP request the proxy's internal id,
@@ -79,7 +147,7 @@ class ReplicaClient:
         token = serve_context._serve_request_context.set(
             dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
         try:
-            return self.handle.remote(*args)
+            return self.handle.remote(*args, **kwargs)
         finally:
             serve_context._serve_request_context.reset(token)
 
@@ -91,7 +159,7 @@ class ReplicaClient:
 
     def stats(self) -> dict:
         # engine numbers live on the replicas, exported there through ray.util.metrics
-        return {"num_in_flight": len(self.in_flight)}
+        return {"num_in_flight": len(self.in_flight), "num_resumes": self.num_resumes}
 
     def is_alive(self) -> bool:
         # replica health is Serve's job: dead replicas are replaced and never routed to

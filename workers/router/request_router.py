@@ -40,6 +40,12 @@ def prompt_token_ids_of(request: PendingRequest | None) -> list[int]:
     return tokens if isinstance(tokens, list) else []
 
 
+def avoided_replicas_of(request: PendingRequest | None) -> set[str]:
+    """Replicas a resumed request was lost on (`generate(..., avoid_replicas=[...])`)."""
+    avoid = request.kwargs.get("avoid_replicas") if request is not None else None
+    return set(avoid) if isinstance(avoid, list) else set()
+
+
 class PagodaRequestRouter(RequestRouter):
     def initialize_state(self, **kwargs) -> None:
         self.policy = RoutingPolicy(**kwargs)
@@ -116,6 +122,9 @@ class PagodaRequestRouter(RequestRouter):
             # asking again instead of re-probing the replicas in a tight loop
             pending_request.routing_context.should_backoff = True
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        avoid = avoided_replicas_of(pending_request)
+        if avoid and set(by_id) - avoid:  # a resumed request shuns where it was lost
+            by_id = {rid: r for rid, r in by_id.items() if rid not in avoid}
         if not by_id:
             return []
         if self.policy.mode == "power_of_two" or not self.snapshot_fresh():

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 TRACKER_NAME = "pagoda-load-tracker"
 TRACKER_NAMESPACE = "pagoda"
@@ -90,10 +91,12 @@ class LoadTracker:
 
 
 def get_or_create_tracker(drop_after_s: float = 5.0) -> ray.actor.ActorHandle:
-    """The one tracker of this Ray cluster; detached so it outlives the replica that made it."""
+    """The one tracker of this Ray cluster; detached so it outlives the replica that made it,
+    and outside that replica's placement group, which Serve removes with the replica."""
     return ray.remote(LoadTracker).options(
         name=TRACKER_NAME, namespace=TRACKER_NAMESPACE, get_if_exists=True,
         lifetime="detached", num_cpus=0, max_restarts=-1,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     ).remote(drop_after_s)
 
 
