@@ -2,8 +2,8 @@
 
 - a JSON list, `[TOOL_CALLS][{"name": ..., "arguments": {...}, "id": "a1b2c3d4e"}, ...]`,
   with or without ids (the response gives calls ids of its own);
-- a call per marker, `[TOOL_CALLS]name[ARGS]{...}`, or `[TOOL_CALLS]name[CALL_ID]a1b2c3d4e[ARGS]{...}`
-  whose id becomes the call's id.
+- a call per marker, `[TOOL_CALLS]name[ARGS]{...}`, or
+  `[TOOL_CALLS]name[CALL_ID]a1b2c3d4e[ARGS]{...}` whose id becomes the call's id.
 """
 from __future__ import annotations
 
