@@ -118,7 +118,8 @@ def main() -> None:
     table = markdown_table(["system", "requests", "output tok/s", "Pagoda speed-up"], rows)
     notes = (f"\n\n{args.requests} requests, prompts of 16-512 tokens, {args.max_tokens} output "
              f"tokens each (EOS ignored), greedy, model `{os.path.basename(args.model)}` on "
-             f"{args.device}.\n{random_note(args.model)}\n- KV cache: {ours['kv_bytes_per_token']} bytes per token\n"
+             f"{args.device}.\n{random_note(args.model)}\n"
+             f"- KV cache: {ours['kv_bytes_per_token']} bytes per token\n"
              f"- share of engine step time outside the model forward (scheduling, batch "
              f"preparation, detokenization, stop checks): {ours['outside_forward']:.1%}\n"
              f"- preemptions: {ours['preemptions']}\n")
