@@ -151,8 +151,8 @@ def main() -> None:
              f"{args.device}.\n{random_note(args.model)}\n"
              "Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V bytes read) / "
              "copy bandwidth), summed over the steps this run took (`bench/roofline.py`).\n"
-             f"{limits}\n- `dtype: auto` here: {auto_dtype}\n- KV cache: {first['kv_bytes_per_token']} bytes per token "
-             f"({dtypes[0]})\n"
+             f"{limits}\n- `dtype: auto` here: {auto_dtype}\n"
+             f"- KV cache: {first['kv_bytes_per_token']} bytes per token ({dtypes[0]})\n"
              f"- share of engine step time outside the model forward (scheduling, batch "
              f"preparation, detokenization, stop checks): {first['outside_forward']:.1%}\n"
              f"- preemptions: {first['preemptions']}\n")

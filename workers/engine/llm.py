@@ -36,7 +36,7 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         results: dict[str, Completion] = {}
         order = []
-        for prompt, p in zip(prompts, params_list):
+        for prompt, p in zip(prompts, params_list, strict=True):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request_id = f"offline-{self._counter}"
             self._counter += 1

@@ -100,8 +100,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        if params.json_schema is not None:
-            seq.grammar = self.grammar_compiler.matcher(params.json_schema)
+        if params.json_schema is not None or params.grammar is not None:
+            seq.grammar = self.grammar_compiler.matcher(params.json_schema, params.grammar)
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
         if params.prior_output is not None:
@@ -181,7 +181,7 @@ class LLMEngine:
                 torch.cuda.synchronize()  # free: sampling syncs right after; keeps timing honest
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
-            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
+            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                         if s.num_computed_tokens + n == s.num_tokens]
             sampled = self.sampler(logits.sample, sampling) if sampling else None
         except EngineDeadError:  # the replica itself is broken: no request can run alone
@@ -197,7 +197,7 @@ class LLMEngine:
             return []
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
         return [self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i])
@@ -212,11 +212,11 @@ class LLMEngine:
             seq.grammar.accept(token)
         is_eos = token in self.eos_token_ids and not params.ignore_eos
         if (token in params.stop_token_ids or is_eos) and min_done:
-            # the stop token's own text is not part of the output
+            finish = "stop"  # the stop token's own text is not part of the output
+        elif seq.detokenizer.add_token(token, check_stop=min_done) is not None:
+            finish = "stop"  # a stop string
+        elif seq.grammar is not None and seq.grammar.terminated:
             finish = "stop"
-        else:
-            if seq.detokenizer.add_token(token, check_stop=min_done) is not None or seq.grammar is not None and seq.grammar.terminated:
-                finish = "stop"
         if finish is None and ((params.max_tokens is not None and
                                 seq.num_output_tokens >= params.max_tokens) or
                                seq.num_tokens >= self.config.max_model_len):

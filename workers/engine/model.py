@@ -80,7 +80,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)  # row-parallel
 
     def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata, rope_cache,
@@ -158,7 +159,7 @@ class CausalLM(nn.Module):
             x, residual = self.embed_tokens(input_ids), None
         else:
             x, residual = intermediate
-        for layer, kv_cache in zip(self.layers.values(), kv_caches):
+        for layer, kv_cache in zip(self.layers.values(), kv_caches, strict=False):
             x, residual = layer(x, residual, positions, kv_cache, meta, self.rope_cache,
                                 self.backend)
         if self.norm is None:

@@ -128,7 +128,7 @@ class ModelRunner:
         slots: list[int] = []
         starts, seq_lens, sample_rows = [0], [], []
         prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
             begin = seq.num_computed_tokens
             input_ids += seq.token_ids[begin:begin + n]
             pos = range(begin, begin + n)
@@ -232,7 +232,7 @@ class ModelRunner:
                   group=self.ctx.device_group)
         sample, *prompt = logits.split(counts)
         return StepLogits(sample if plan.sample_rows else None,
-                          {i: p for (i, _, _), p in zip(plan.prompt_rows, prompt)})
+                          {i: p for (i, _, _), p in zip(plan.prompt_rows, prompt, strict=False)})
 
     def serve_forever(self) -> None:
         """A worker rank's loop: run every plan the driver sends until it stops the group."""

@@ -72,7 +72,8 @@ class LoadTracker:
         self.block_hashes.pop(replica_id, None)
 
     def snapshot(self, known_versions: dict[str, int] | None = None) -> Snapshot:
-        """Live loads, with the hashes of replicas whose hash_version differs from known_versions."""
+        """Live loads, with the hashes of replicas whose hash_version differs from
+        known_versions."""
         self.drop_stale()
         known_versions = known_versions or {}
         changed = {rid: self.block_hashes.get(rid, []) for rid, load in self.loads.items()
