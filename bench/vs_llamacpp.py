@@ -139,7 +139,7 @@ def main() -> None:
         service.deploy(served, replicas=1)
         model = os.path.basename(os.path.normpath(served["model"]))
         servers = [("llama.cpp", llama_url, "smollm2"), ("Pagoda", service.base_url, model)]
-        for name, url, m in servers:  # warm-up
+        for _, url, m in servers:  # warm-up
             run_level(url, m, prompts[-8:], 4, argparse.Namespace(**{**vars(args),
                                                                      "duration": 3.0}))
         for r in range(args.rounds):
