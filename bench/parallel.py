@@ -69,12 +69,13 @@ def handoff_alone(world: int) -> dict[int, float]:
 
 
 def run_batches(model: str, tp: int, pp: int, device: str) -> dict:
-    cores = os.cpu_count() or 1
+    # one matmul thread per rank: with more threads than free cores, every OpenMP barrier
+    # waits on a preempted thread, which would measure the machine's load, not the split
     llm = LLM(EngineConfig(model=model, device=device, tensor_parallel_size=tp,
                            pipeline_parallel_size=pp, max_num_seqs=max(BATCHES),
                            max_num_batched_tokens=4096,
                            num_kv_blocks=max(BATCHES) * 4 + 16, block_size=16,
-                           num_threads=max(1, cores // (tp * pp))))
+                           num_threads=1))
     engine = llm.engine
     rows = {}
     try:
@@ -112,7 +113,7 @@ def bench_parallel(model: str, tp: int, pp: int, device: str) -> str:
                             "hand-off ms/step in the run", "hand-off ms, idle ranks"], rows)
     mib = [f"{b / 2**20:.1f}" for b in split["weights"]]
     notes = (f"\n\nModel `{os.path.basename(os.path.normpath(model))}` on {device}, "
-             f"{os.cpu_count()} cores shared by every rank (load average "
+             f"{os.cpu_count()} cores shared by every rank, one thread per rank (load average "
              f"{os.getloadavg()[0]:.1f} at the end), 8-token prompts, "
              f"{DECODE_STEPS} greedy decode steps measured per batch.\n\n"
              f"- parameter MiB per rank: 1 rank {single['weights'][0] / 2**20:.1f}; "

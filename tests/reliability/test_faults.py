@@ -141,7 +141,7 @@ def test_killing_a_replica_under_load_loses_no_stream(service, count, max_tokens
     resumed: list[int] = []
 
     async def kill_busiest(http: httpx.AsyncClient) -> None:
-        await asyncio.to_thread(wait_running_on, service, NUM_REPLICAS)
+        # prefix-affinity routing may put every stream on one replica: kill the busiest anyway
         loads = await asyncio.to_thread(wait_all_running, service, count * 3 // 4)
         await asyncio.sleep(KILL_AFTER_S)  # mid-stream: every stream has tokens out by now
         victim.append(max(loads, key=lambda rid: loads[rid].num_running))

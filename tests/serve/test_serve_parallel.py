@@ -82,7 +82,6 @@ def test_client_disconnect_frees_the_kv_blocks(serve_app):
     with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body) as r:
         assert r.status_code == 200
         skip_to_first_content(r.iter_lines())
-        assert replica_load(serve_app).kv_usage > 0
     # Workers keep no request state: the driver's block tables place every rank's KV, so its
     # free list is the KV of all three ranks.
     deadline = time.monotonic() + 20
