@@ -12,7 +12,9 @@ class Settings(BaseSettings):
 
     api_key: str | None = None  # None: no authentication
     served_model_name: str | None = None  # None: the engine config's served_model_name
-    reasoning_parser: bool = False  # split <think>...</think> into reasoning_content
+    # parser names of app/parsers/registry.py; "auto" picks them from the model folder
+    tool_parser: str = "auto"
+    reasoning_parser: str = "auto"
     max_n: int = Field(16, ge=1)
     log_prompts: bool = False  # prompt text in logs is opt-in
     retry_after_s: int = Field(1, ge=0)  # Retry-After sent with 503 when the queue is full
