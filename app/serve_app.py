@@ -53,7 +53,7 @@ def build_app(args: PagodaArgs | dict[str, Any]) -> Application:
     router = RequestRouterConfig(request_router_class=PagodaRequestRouter,
                                  request_router_kwargs=args.router_kwargs())
     replica = ModelReplica.options(
-        **args.replicas.deployment_options(), request_router_config=router,
+        **args.replica_options(), request_router_config=router,
     ).bind(args.engine_kwargs(), args.replicas.report_interval_s)
     return PagodaIngress.options(**args.ingress.deployment_options()).bind(
         replica, args.model_dump(mode="json"))

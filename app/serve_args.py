@@ -28,6 +28,8 @@ class EngineArgs(BaseModel):
     max_waiting_requests: int | None = Field(None, ge=1)
     cuda_graphs: bool | None = None
     num_threads: int | None = Field(None, ge=1)
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    pipeline_parallel_size: int | None = Field(None, ge=1)
     seed: int | None = None
     fault_marker: str | None = None  # testing aid; see workers/engine/fault_injection.py
 
@@ -48,6 +50,10 @@ class ReplicaArgs(BaseModel):
     downscale_delay_s: float = Field(60.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    # a replica split over devices: CPUs of each worker rank's bundle (GPUs as num_gpus), and
+    # how its bundles spread; None: STRICT_PACK (one node) without pipeline stages, else PACK
+    worker_num_cpus: float = Field(1.0, ge=0)
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] | None = None
     accelerator_type: str | None = None
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
     health_check_period_s: float = Field(5.0, gt=0)
@@ -131,6 +137,22 @@ class PagodaArgs(BaseModel):
     ingress: IngressArgs = IngressArgs()
     routing: RoutingPolicy = RoutingPolicy()
     api: ApiArgs = ApiArgs()
+
+    def replica_options(self) -> dict[str, Any]:
+        """Serve deployment options of the model replica; one bundle per rank when it spans
+        several devices (bundle 0 is the replica actor itself, rank 0)."""
+        options = self.replicas.deployment_options()
+        tp = self.engine.tensor_parallel_size or 1
+        pp = self.engine.pipeline_parallel_size or 1
+        if tp * pp == 1:
+            return options
+        r = self.replicas
+        first = {"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})}
+        worker = {"CPU": r.worker_num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})}
+        options["placement_group_bundles"] = [first] + [worker] * (tp * pp - 1)
+        options["placement_group_strategy"] = r.placement_strategy or (
+            "STRICT_PACK" if pp == 1 else "PACK")
+        return options
 
     def engine_kwargs(self) -> dict[str, Any]:
         """EngineConfig(**kwargs) of every replica."""

@@ -2,7 +2,8 @@
 
 64 requests with mixed prompt lengths, 128 output tokens each (EOS ignored so every system
 does the same work). HF runs sequentially (on a subset, then per-token rates compare) and as
-a static left-padded batch of 32.
+a static left-padded batch of 32. With `--tp N --pp M` it instead measures a replica split
+over N x M ranks against one rank (bench/parallel.py).
 """
 from __future__ import annotations
 
@@ -94,7 +95,13 @@ def main() -> None:
     parser.add_argument("--sequential-requests", type=int, default=4,
                         help="HF sequential runs on this many of the requests")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
     args = parser.parse_args()
+    if args.tp * args.pp > 1:
+        from bench.parallel import bench_parallel
+        bench_parallel(args.model, args.tp, args.pp, args.device)
+        return
     from transformers import AutoTokenizer
     prompts = make_prompts(AutoTokenizer.from_pretrained(args.model), args.requests)
     ours = bench_ours(args.model, prompts, args.max_tokens, args.device)
@@ -111,7 +118,8 @@ def main() -> None:
     table = markdown_table(["system", "requests", "output tok/s", "Pagoda speed-up"], rows)
     notes = (f"\n\n{args.requests} requests, prompts of 16-512 tokens, {args.max_tokens} output "
              f"tokens each (EOS ignored), greedy, model `{os.path.basename(args.model)}` on "
-             f"{args.device}.\n{random_note(args.model)}\n- KV cache: {ours['kv_bytes_per_token']} bytes per token\n"
+             f"{args.device}.\n{random_note(args.model)}\n"
+             f"- KV cache: {ours['kv_bytes_per_token']} bytes per token\n"
              f"- share of engine step time outside the model forward (scheduling, batch "
              f"preparation, detokenization, stop checks): {ours['outside_forward']:.1%}\n"
              f"- preemptions: {ours['preemptions']}\n")

@@ -40,7 +40,8 @@ def random_tokens(engine: LLMEngine, count: int, seed: int) -> list[int]:
 
 
 def run_case(engine: LLMEngine, prompt_len: int, sent: int, case: int, repeats: int) -> list:
-    prompt, tokens = random_tokens(engine, prompt_len, case), random_tokens(engine, sent, 500 + case)
+    prompt = random_tokens(engine, prompt_len, case)
+    tokens = random_tokens(engine, sent, 500 + case)
     params = SamplingParams(temperature=0, max_tokens=sent + 8, ignore_eos=True)
     resumed = dataclasses.replace(params, prior_output=PriorOutput(tokens, 0))
     # the replica that served the request so far holds prompt + sent in its prefix cache

@@ -1,4 +1,5 @@
-"""Writes k8s/grafana-dashboard.yaml: deploy/grafana/pagoda.json as a ConfigMap for Grafana's sidecar.
+"""Writes k8s/grafana-dashboard.yaml: deploy/grafana/pagoda.json as a ConfigMap for Grafana's
+sidecar.
 
 Run it after changing the dashboard; tests/serve/test_manifests.py fails while the two differ.
 `python tools/grafana_configmap.py`

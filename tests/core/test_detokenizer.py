@@ -12,7 +12,8 @@ def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-@pytest.mark.parametrize("text", ["Héllo wörld — 你好，世界! 🐉🔥 done", "  leading spaces\nnew line"])
+@pytest.mark.parametrize("text", ["Héllo wörld — 你好，世界! 🐉🔥 done",
+                                  "  leading spaces\nnew line"])
 def test_incremental_equals_full_decode_and_never_emits_partial_chars(tokenizer, text):
     ids = tokenizer.encode(text)
     d = Detokenizer(tokenizer, [], stop=[])

@@ -55,7 +55,7 @@ def test_logits_match_hf_through_prefill_and_decode(tmp_path, name, backend):
     seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
     for s in seqs:
         sched.add(s)
-    for step in range(3):  # one mixed prefill, then two batched decode steps
+    for _ in range(3):  # one mixed prefill, then two batched decode steps
         batch = sched.schedule()
         logits = runner.execute(batch).sample
         with torch.no_grad():

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 STREAM_TIMEOUT_S = 240  # no stream may take longer to end, whatever happens to its replica
 REPLACEMENT_TIMEOUT_S = 240
+KILL_AFTER_S = 3.0
 
 
 async def stream_all(base_url: str, bodies: list[dict], during=None) -> list[StreamResult]:
@@ -52,6 +53,17 @@ def wait_running_on(service, count: int, timeout_s: float = 60) -> dict:
             return loads
         time.sleep(0.2)
     raise AssertionError(f"the load did not reach {count} replicas: {loads}")
+
+
+def wait_all_running(service, count: int, timeout_s: float = 60) -> dict:
+    """Loads once `count` requests run on the replicas together, or at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    loads = service.snapshot().loads
+    while time.monotonic() < deadline and \
+            sum(load.num_running for load in loads.values()) < count:
+        time.sleep(0.2)
+        loads = service.snapshot().loads
+    return loads
 
 
 def serves_normally(base_url: str, count: int = 8) -> None:
@@ -129,7 +141,9 @@ def test_killing_a_replica_under_load_loses_no_stream(service, count, max_tokens
     resumed: list[int] = []
 
     async def kill_busiest(http: httpx.AsyncClient) -> None:
-        loads = await asyncio.to_thread(wait_running_on, service, NUM_REPLICAS)
+        # prefix-affinity routing may put every stream on one replica: kill the busiest anyway
+        loads = await asyncio.to_thread(wait_all_running, service, count * 3 // 4)
+        await asyncio.sleep(KILL_AFTER_S)  # mid-stream: every stream has tokens out by now
         victim.append(max(loads, key=lambda rid: loads[rid].num_running))
         resumed.append(loads[victim[0]].num_running)
         ray.kill(service.replica_actor(victim[0]), no_restart=True)

@@ -2,11 +2,11 @@
 keep their pace and /health answers at once.
 
 The same 8 streams (greedy, EOS ignored) run twice: quiet, then while one client sends 8 MB
-chat prompts, four a second, each answered 413 from its Content-Length (the default limit is
-4 MiB) without the ingress reading it. Measured at the client: the gaps between a stream's content events (inter-token
-latency) and the latency of /health polled every 50 ms. Printed with -s; asserted loosely:
-p99 inter-token latency within 2x of the quiet run's, p99 /health within 100 ms (or 2x the
-quiet run's, where the machine is too busy even for that).
+chat prompts, four a second, each answered 413 from its Content-Length (the default limit
+is 4 MiB) without the ingress reading it. Measured at the client: the gaps between a stream's
+content events (inter-token latency) and the latency of /health polled every 50 ms. Printed
+with -s; asserted loosely: p99 inter-token latency within 2x of the quiet run's, p99 /health
+within 100 ms (or 2x the quiet run's, where the machine is too busy even for that).
 """
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ def rayservices() -> list[tuple[str, dict]]:
 def kuberay_schema(kind: str) -> dict:
     """openAPIV3Schema of the storage version of KubeRay's CRD for `kind`."""
     if not KUBERAY.exists():
-        pytest.skip(f"the KubeRay CRDs are not at {KUBERAY}; set PAGODA_SHARED to the shared folder")
+        pytest.skip(f"the KubeRay CRDs are not at {KUBERAY}; "
+                    "set PAGODA_SHARED to the shared folder")
     path = KUBERAY / f"ray.io_{kind.lower()}s.yaml"
     assert path.exists(), f"no KubeRay CRD for {kind} in {KUBERAY}"
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))

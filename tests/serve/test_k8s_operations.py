@@ -54,7 +54,7 @@ def test_ray_metrics_are_scraped_on_every_ray_pod_and_the_ingress_on_workers():
     from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
     from ray.dashboard.consts import DASHBOARD_METRIC_PORT
 
-    for group_name, _, group in selected({"matchLabels": {"ray.io/node-type": "head"}}):
+    for _name, _, group in selected({"matchLabels": {"ray.io/node-type": "head"}}):
         ports = {p["name"]: p["containerPort"] for p in ray_container(group)["ports"]}
         assert ports["as-metrics"] == AUTOSCALER_METRIC_PORT
         assert ports["dash-metrics"] == DASHBOARD_METRIC_PORT

@@ -85,11 +85,13 @@ def test_each_check_catches_a_bad_manifest():
         return doc
 
     def typo_in_rule(doc):
-        doc["spec"]["groups"][0]["rules"][0]["fro"] = doc["spec"]["groups"][0]["rules"][0].pop("for")
+        rule = doc["spec"]["groups"][0]["rules"][0]
+        rule["fro"] = rule.pop("for")
 
     bad = [
         edited("PrometheusRule", typo_in_rule),
-        edited("PodMonitor", lambda d: d["spec"]["podMetricsEndpoints"][0].update(interval="often")),
+        edited("PodMonitor",
+               lambda d: d["spec"]["podMetricsEndpoints"][0].update(interval="often")),
         edited("NetworkPolicy", lambda d: d["spec"].update(podSelectr={})),
         edited("PodDisruptionBudget", lambda d: d["spec"].update(maxUnavailable=[1])),
         edited("RayService", lambda d: d["spec"]["rayClusterConfig"]["authOptions"].update(

@@ -35,8 +35,8 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, **engine_kwargs) -> None:
+        self.engine = LLMEngine(config, **engine_kwargs)
         self.config = config
         self.tokenizer = self.engine.tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -95,7 +95,7 @@ class AsyncLLMEngine:
         return dict(self._stats)
 
     def is_alive(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None and self._thread.is_alive() and self.engine.workers_alive()
 
     async def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -120,11 +120,13 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     continue
                 self._step()
-        except BaseException as e:  # a bug in the loop itself: fail everyone, report dead
+        except BaseException as e:  # a bug in the loop or a dead rank: fail everyone, report dead
             log.exception("engine loop died")
             self._dead = e
             for stream in list(self._streams.values()):
                 stream.put(EngineDeadError(f"engine loop died: {e!r}"))
+        finally:
+            self.engine.close()
 
     def _apply_commands(self) -> None:
         while True:
@@ -146,6 +148,8 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineDeadError:
+            raise
         except Exception as e:
             # Scheduling or bookkeeping broke, not one request: fail them all, keep serving.
             log.exception("engine step failed; aborting every request")

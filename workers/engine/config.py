@@ -26,6 +26,8 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     cuda_graphs: bool = True
     num_threads: int | None = None  # CPU matmul threads; None: every core (Ray would give 1)
+    tensor_parallel_size: int = 1  # devices that split every layer (one node)
+    pipeline_parallel_size: int = 1  # stages of consecutive layers (may span nodes)
     seed: int = 0
     # testing aid, off by default: a prompt containing this text raises inside the engine step
     fault_marker: str | None = None
@@ -56,8 +58,15 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be in [1, {limit}], got {self.max_model_len}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+
+    @property
+    def world_size(self) -> int:
+        """Devices, and ranks, of one replica."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @cached_property
     def max_blocks_per_seq(self) -> int:

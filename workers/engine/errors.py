@@ -30,3 +30,7 @@ class EngineDeadError(EngineError):
     def __init__(self, message: str, replica_id: str | None = None) -> None:
         super().__init__(message)
         self.replica_id = replica_id
+
+
+class WorkerGroupError(EngineDeadError):
+    """A rank of a replica split over devices failed or died; the replica must be replaced."""

@@ -25,6 +25,10 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 
+    def close(self) -> None:
+        """Stop the engine's worker ranks (an engine split over devices has some)."""
+        self.engine.close()
+
     def generate(self, prompts: list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Run every prompt to completion with continuous batching; results in prompt order."""
@@ -32,7 +36,7 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         results: dict[str, Completion] = {}
         order = []
-        for prompt, p in zip(prompts, params_list):
+        for prompt, p in zip(prompts, params_list, strict=True):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request_id = f"offline-{self._counter}"
             self._counter += 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import AutoTokenizer
@@ -10,7 +11,7 @@ from transformers import AutoTokenizer
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import Detokenizer
-from workers.engine.errors import ContextLengthError, InvalidRequestError
+from workers.engine.errors import ContextLengthError, EngineDeadError, InvalidRequestError
 from workers.engine.fault_injection import FaultInjector
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestOutput
@@ -18,15 +19,24 @@ from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
+from workers.engine.worker import ProcessWorkers, Workers
 
 log = logging.getLogger("pagoda.engine")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 start_workers: Callable[[EngineConfig], Workers] = ProcessWorkers) -> None:
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.runner = ModelRunner(config)
+        # split over devices: this process is rank 0, the other ranks run in workers
+        self.workers = start_workers(config) if config.world_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, 0, self.workers and self.workers.init_method)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.stop()
+            raise
         self.vocab_size = self.runner.model_config.vocab_size
         self.eos_token_ids = self._eos_token_ids()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
@@ -131,6 +141,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def workers_alive(self) -> bool:
+        return self.workers is None or self.workers.alive()
+
+    def close(self) -> None:
+        """Stop the worker ranks, if any; the engine is unusable afterwards."""
+        try:
+            self.runner.close()
+        finally:
+            if self.workers is not None:
+                self.workers.stop()
+
     def step(self) -> list[RequestOutput]:
         """One engine step. Requests whose step raised are in `failed` afterwards, not returned."""
         start = time.perf_counter()
@@ -160,9 +181,11 @@ class LLMEngine:
                 torch.cuda.synchronize()  # free: sampling syncs right after; keeps timing honest
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
-            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
+            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                         if s.num_computed_tokens + n == s.num_tokens]
             sampled = self.sampler(logits.sample, sampling) if sampling else None
+        except EngineDeadError:  # the replica itself is broken: no request can run alone
+            raise
         except Exception as e:
             if len(batch) > 1:
                 first, second = batch.split()
@@ -174,7 +197,7 @@ class LLMEngine:
             return []
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
         return [self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i])
@@ -189,11 +212,11 @@ class LLMEngine:
             seq.grammar.accept(token)
         is_eos = token in self.eos_token_ids and not params.ignore_eos
         if (token in params.stop_token_ids or is_eos) and min_done:
-            # the stop token's own text is not part of the output
+            finish = "stop"  # the stop token's own text is not part of the output
+        elif seq.detokenizer.add_token(token, check_stop=min_done) is not None:
+            finish = "stop"  # a stop string
+        elif seq.grammar is not None and seq.grammar.terminated:
             finish = "stop"
-        else:
-            if seq.detokenizer.add_token(token, check_stop=min_done) is not None or seq.grammar is not None and seq.grammar.terminated:
-                finish = "stop"
         if finish is None and ((params.max_tokens is not None and
                                 seq.num_output_tokens >= params.max_tokens) or
                                seq.num_tokens >= self.config.max_model_len):

@@ -1,7 +1,9 @@
 """Llama-family decoder (Llama, Qwen2, Mistral) over a paged KV cache.
 
 q/k/v and gate/up projections are fused into one matmul each; every layer-level op goes
-through the attention backend so the Triton kernels can replace the torch reference.
+through the attention backend so the Triton kernels can replace the torch reference. Split over
+devices, each tensor rank holds its heads and MLP columns (`workers/engine/parallel_layers.py`) and
+each pipeline stage its layers; with one device the model is the plain single-process one.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from torch import nn
 
 from kernels.rope_cache import build_rope_cache
 from workers.engine.attention import AttentionMetadata
+from workers.engine.distributed import ParallelContext, stage_layers
+from workers.engine.parallel_layers import ShardLayout, VocabParallelEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -62,16 +66,23 @@ class ModelConfig:
             else None,
         )
 
+    def layout(self, ctx: ParallelContext) -> ShardLayout:
+        return ShardLayout(ctx.tp_size, ctx.tp_rank, self.num_heads, self.num_kv_heads,
+                           self.head_dim, self.intermediate_size, self.vocab_size)
+
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        shard = cfg.layout(ctx)
+        self.ctx = ctx
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.heads, shard.kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)  # row-parallel
 
     def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata, rope_cache,
                 backend) -> torch.Tensor:
@@ -83,25 +94,27 @@ class Attention(nn.Module):
         q, k = backend.rope(positions, q, k, rope_cache)
         backend.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         o = backend.attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(o.reshape(n, self.q_size))
+        return self.ctx.all_reduce(self.o_proj(o.reshape(n, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.ctx = ctx
+        size = cfg.layout(ctx).intermediate
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * size, bias=False)
+        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)  # row-parallel
 
     def forward(self, x, backend) -> torch.Tensor:
-        return self.down_proj(backend.silu_mul(self.gate_up_proj(x)))
+        return self.ctx.all_reduce(self.down_proj(backend.silu_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
         super().__init__()
         self.eps = cfg.rms_norm_eps
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, ctx)
+        self.mlp = MLP(cfg, ctx)
         self.input_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.post_attention_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
 
@@ -113,31 +126,55 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend) -> None:
+    """One pipeline stage of the model: the embedding on the first, the final norm and the
+    LM head on the last, and its layers, named by their global index as in the checkpoint."""
+
+    def __init__(self, cfg: ModelConfig, backend, ctx: ParallelContext | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.backend = backend
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.lm_head = None if cfg.tie_word_embeddings else \
-            nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        ctx = ctx or ParallelContext()
+        shard = cfg.layout(ctx)
+        shard.check()
+        self.cfg, self.ctx, self.backend = cfg, ctx, backend
+        self.stage = stage_layers(cfg.num_layers, ctx.pp_size, ctx.pp_rank)
+        self.embed_tokens = None
+        if ctx.is_first_stage:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) \
+                if ctx.tp_size == 1 else VocabParallelEmbedding(shard, cfg.hidden_size, ctx)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ctx) for i in self.stage})
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size)) if ctx.is_last_stage else None
+        self.lm_head = None  # tied and on the embedding's stage: the logits reuse its weight
+        if ctx.is_last_stage and (not cfg.tie_word_embeddings or self.embed_tokens is None):
+            self.lm_head = nn.Linear(cfg.hidden_size, shard.vocab, bias=False)
         self.register_buffer("rope_cache", build_rope_cache(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
             persistent=False)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+                kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Hidden states after the final norm on the last stage; on earlier stages the
+        (hidden, residual) pair the next stage continues from."""
+        if intermediate is None:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate
+        for layer, kv_cache in zip(self.layers.values(), kv_caches, strict=False):
             x, residual = layer(x, residual, positions, kv_cache, meta, self.rope_cache,
                                 self.backend)
+        if self.norm is None:
+            return x, residual
         x, _ = self.backend.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
         return x
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits on tensor rank 0 of the last stage; None on other ranks."""
         if self.lm_head is None:
-            return hidden @ self.embed_tokens.weight.t()
-        return self.lm_head(hidden)
+            local = hidden @ self.embed_tokens.weight.t()
+        else:
+            local = self.lm_head(hidden)
+        if self.ctx.tp_size == 1:
+            return local
+        logits = self.ctx.gather_vocab(local)
+        return None if logits is None else logits[:, :self.cfg.vocab_size]

@@ -1,4 +1,9 @@
-"""Owns the model and its KV cache; runs one flattened mixed batch per step."""
+"""Owns the model and its KV cache; runs one flattened mixed batch per step.
+
+Split over devices, every rank has a ModelRunner with its shard of the weights and KV cache.
+The driver (rank 0) flattens the batch into a StepPlan and hands it to the other ranks, which
+run the same forward in `serve_forever`; the full-vocabulary logits come back to the driver.
+"""
 from __future__ import annotations
 
 import os
@@ -6,15 +11,24 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from workers.engine.attention import AttentionMetadata
 from workers.engine.backends import get_backend
 from workers.engine.config import EngineConfig
 from workers.engine.cuda_graph import CudaGraphRunner, GraphShape
+from workers.engine.distributed import (
+    ParallelContext,
+    destroy_parallel,
+    init_parallel,
+    stage_layers,
+)
+from workers.engine.errors import WorkerGroupError
 from workers.engine.loader import load_weights
 from workers.engine.model import CausalLM, ModelConfig
 from workers.engine.packed_linear import PackedLinear, pack_linears, packing_supported
 from workers.engine.scheduler import ScheduledBatch
+from workers.engine.step_plan import StepPlan, receive_plan, send_plan
 
 
 @dataclass
@@ -26,29 +40,41 @@ class StepLogits:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())  # ranks in one process
+    return device
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0,
+                 init_method: str | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, rank)
         self.dtype = DTYPES.get(config.dtype) or (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model_config = ModelConfig.from_hf(config.hf_config)
         if self.device.type == "cpu":
             # Ray sets OMP_NUM_THREADS=1 in actors with fractional CPUs; the engine wants the cores
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        elif self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        self.model_config.layout(ParallelContext(config.tensor_parallel_size,
+                                                 config.pipeline_parallel_size)).check()
+        self.ctx = init_parallel(config.tensor_parallel_size, config.pipeline_parallel_size,
+                                 rank, init_method or "", self.device)
         self.backend = get_backend(config.attention_backend, self.device)
         torch.manual_seed(config.seed)
         with torch.device(self.device):
-            model = CausalLM(self.model_config, self.backend)
+            model = CausalLM(self.model_config, self.backend, self.ctx)
         load_weights(model, config.model)
         self.model = model.to(self.dtype).eval()
         self.model.rope_cache = self.model.rope_cache.float()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.rank_weight_bytes = self._gather_weight_bytes()
         if packing_supported(self.device, self.dtype):
             pack_linears(self.model)
             if self.model.lm_head is None:  # tied embeddings: pack a copy for the logits
@@ -56,16 +82,22 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
         self.kv_caches = self._allocate_kv()
         self.last_prepare_time = 0.0  # seconds spent flattening the last batch
+        self.last_handoff_time = 0.0  # seconds spent handing the last plan to the other ranks
+        self.broken = False  # a step across ranks failed: the group cannot be used again
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches,
             GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.max_model_len),
-            self.device, enabled=config.cuda_graphs and self.backend.name != "torch")
+            self.device, enabled=config.cuda_graphs and self.backend.name != "torch"
+            and self.ctx.pp_size == 1)
         self.graphs.capture()
 
     @property
     def kv_bytes_per_token(self) -> int:
-        c = self.model_config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        """On the rank with the most KV: every rank sizes its cache for the same block count."""
+        c, ctx = self.model_config, self.ctx
+        layers = max(len(stage_layers(c.num_layers, ctx.pp_size, s)) for s in range(ctx.pp_size))
+        kv_heads = c.layout(ctx).kv_heads
+        return 2 * layers * kv_heads * c.head_dim * self.dtype.itemsize
 
     def _blocks_for_budget(self) -> int:
         per_block = self.kv_bytes_per_token * self.config.block_size
@@ -73,20 +105,27 @@ class ModelRunner:
 
     def _allocate_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
-        shape = (2, self.num_blocks, self.config.block_size, c.num_kv_heads, c.head_dim)
+        shape = (2, self.num_blocks, self.config.block_size, c.layout(self.ctx).kv_heads,
+                 c.head_dim)
         return [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device).unbind(0))
-                for _ in range(c.num_layers)]
+                for _ in self.model.stage]
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor,
-                                                      AttentionMetadata, list[int], list]:
-        """Flatten the batch: input ids, positions, metadata, rows to sample, prompt-logprob rows."""
+    def _gather_weight_bytes(self) -> list[int]:
+        if self.ctx.world_size == 1:
+            return [self.weight_bytes]
+        out = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
+        dist.gather_object(self.weight_bytes, out, dst=0, group=self.ctx.cpu_group)
+        return out or []
+
+    def prepare(self, batch: ScheduledBatch) -> StepPlan:
+        """Flatten the batch into the plan every rank runs."""
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts, seq_lens, sample_rows = [0], [], []
         prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
             begin = seq.num_computed_tokens
             input_ids += seq.token_ids[begin:begin + n]
             pos = range(begin, begin + n)
@@ -103,44 +142,105 @@ class ModelRunner:
                 prompt_rows.append((len(starts) - 2, starts[-2], count))
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        return StepPlan(input_ids, positions, slots, starts, seq_lens, tables, sample_rows,
+                        prompt_rows)
 
+    def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         def tensor(data, dtype):
+            if isinstance(data, torch.Tensor):
+                return data.to(self.device, dtype, non_blocking=True)
             return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
+        query_lens = plan.query_lens
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(starts, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(tables, torch.int32),
-            query_start_loc_cpu=starts,
-            query_lens_cpu=list(batch.num_new_tokens),
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
+            slot_mapping=tensor(plan.slot_mapping, torch.int64),
+            query_start_loc=tensor(plan.query_start_loc, torch.int32),
+            seq_lens=tensor(plan.seq_lens, torch.int32),
+            block_tables=tensor(plan.block_tables, torch.int32),
+            query_start_loc_cpu=plan.query_start_loc,
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=plan.seq_lens,
+            max_query_len=max(query_lens),
+            max_seq_len=max(plan.seq_lens),
         )
-        return (tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_rows,
-                prompt_rows)
+        return tensor(plan.input_ids, torch.int64), tensor(plan.positions, torch.int64), meta
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         """Run the batch; logits of the sequences that sample, and of prompt-logprob rows."""
         start = time.perf_counter()
-        input_ids, positions, meta, rows, prompt_rows = self.prepare(batch)
+        plan = self.prepare(batch)
         self.last_prepare_time = time.perf_counter() - start
+        if self.ctx.world_size == 1:
+            return self.run(plan)
+        try:  # a rank that fails mid-step leaves the group out of step: the replica is done
+            send_plan(plan, self.ctx)
+            self.last_handoff_time = time.perf_counter() - start - self.last_prepare_time
+            return self.run(plan)
+        except Exception as e:
+            self.broken = True
+            raise WorkerGroupError(f"a step across {self.ctx.world_size} ranks failed: "
+                                   f"{e}") from e
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> StepLogits | None:
+        """This rank's part of one step; the logits on the driver, None on other ranks."""
+        input_ids, positions, meta = self.inputs(plan)
         if self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, positions, meta)
-            return self._logits(hidden, rows, prompt_rows)
+            return self._logits(self.graphs.run(input_ids, positions, meta), plan)
         # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would
         # leak into the caller's other float code, so it is on only while the forward runs.
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
-            return self._logits(hidden, rows, prompt_rows)
+            intermediate = None
+            if not self.ctx.is_first_stage:
+                intermediate = self.ctx.recv_from_previous_stage(
+                    *(torch.empty(plan.num_tokens, self.model_config.hidden_size,
+                                  dtype=self.dtype, device=self.device) for _ in range(2)))
+            out = self.model(input_ids, positions, self.kv_caches, meta, intermediate)
+            if self.ctx.is_last_stage:
+                return self._logits(out, plan)
+            self.ctx.send_to_next_stage(*out)
+            return self._receive_logits(plan) if self.ctx.rank == 0 else None
         finally:
             if flush:
                 torch.set_flush_denormal(False)
 
-    def _logits(self, hidden: torch.Tensor, rows: list[int], prompt_rows: list) -> StepLogits:
+    def _logits(self, hidden: torch.Tensor, plan: StepPlan) -> StepLogits | None:
+        rows = plan.sample_rows
+        sample = self.model.compute_logits(hidden[rows]) if rows else None
         prompt = {i: self.model.compute_logits(hidden[first:first + count])
-                  for i, first, count in prompt_rows}
-        return StepLogits(self.model.compute_logits(hidden[rows]) if rows else None, prompt)
+                  for i, first, count in plan.prompt_rows}
+        if self.ctx.rank == 0:
+            return StepLogits(sample, prompt)
+        if self.ctx.tp_rank == 0:  # last stage of a pipeline: the driver samples
+            parts = ([sample] if sample is not None else []) + list(prompt.values())
+            if parts:
+                dist.send(torch.cat(parts), 0, group=self.ctx.device_group)
+        return None
+
+    def _receive_logits(self, plan: StepPlan) -> StepLogits:
+        counts = [len(plan.sample_rows)] + [count for _, _, count in plan.prompt_rows]
+        if not sum(counts):
+            return StepLogits(None, {})
+        logits = torch.empty(sum(counts), self.model_config.vocab_size, dtype=self.dtype,
+                             device=self.device)
+        dist.recv(logits, self.ctx.rank_of(self.ctx.pp_size - 1, 0),
+                  group=self.ctx.device_group)
+        sample, *prompt = logits.split(counts)
+        return StepLogits(sample if plan.sample_rows else None,
+                          {i: p for (i, _, _), p in zip(plan.prompt_rows, prompt, strict=False)})
+
+    def serve_forever(self) -> None:
+        """A worker rank's loop: run every plan the driver sends until it stops the group."""
+        while (plan := receive_plan(self.ctx)) is not None:
+            self.run(plan)
+        destroy_parallel(self.ctx)
+
+    def close(self) -> None:
+        """Driver: stop the worker ranks' loops and leave the group."""
+        if self.ctx.world_size > 1 and not self.broken and dist.is_initialized():
+            try:
+                send_plan(None, self.ctx)
+            finally:
+                destroy_parallel(self.ctx)

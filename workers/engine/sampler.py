@@ -139,6 +139,7 @@ class Sampler:
             if w is None:
                 result.append(None)
                 continue
-            top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist())) if w else []
+            top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist(),
+                           strict=True)) if w else []
             result.append((tokens[i], chosen[i], top))
         return result

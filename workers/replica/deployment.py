@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -25,10 +26,13 @@ from workers.replica.metrics import ReplicaMetrics
 class ModelReplica:
     async def __init__(self, engine_config: dict, report_interval_s: float) -> None:
         from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
+        from workers.replica.worker_actor import RayWorkers
 
         config = EngineConfig(**engine_config)
-        self.engine = AsyncLLMEngine(config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # split over devices, this actor is rank 0 and the other ranks are its worker actors
+        self.engine = AsyncLLMEngine(
+            config, start_workers=functools.partial(RayWorkers, replica_id=self.replica_id))
         self.metrics = ReplicaMetrics(model=config.served_model_name, replica=self.replica_id)
         self.num_requests = 0
         self.reporter = LoadReporter(self.replica_id, config.block_size, self.read_stats,
@@ -99,8 +103,8 @@ class ModelReplica:
                 "num_requests": self.num_requests}
 
     def check_health(self) -> None:
-        if not self.engine.is_alive():
-            raise EngineDeadError("the engine step loop stopped")
+        if not self.engine.is_alive():  # also when a worker rank of this replica died
+            raise EngineDeadError("the engine step loop or one of its worker ranks stopped")
 
     async def __del__(self) -> None:
         # Serve calls this after in-flight requests finished or graceful_shutdown_timeout_s

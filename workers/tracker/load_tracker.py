@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 TRACKER_NAME = "pagoda-load-tracker"
 TRACKER_NAMESPACE = "pagoda"
@@ -71,7 +72,8 @@ class LoadTracker:
         self.block_hashes.pop(replica_id, None)
 
     def snapshot(self, known_versions: dict[str, int] | None = None) -> Snapshot:
-        """Live loads, with the hashes of replicas whose hash_version differs from known_versions."""
+        """Live loads, with the hashes of replicas whose hash_version differs from
+        known_versions."""
         self.drop_stale()
         known_versions = known_versions or {}
         changed = {rid: self.block_hashes.get(rid, []) for rid, load in self.loads.items()
@@ -89,10 +91,12 @@ class LoadTracker:
 
 
 def get_or_create_tracker(drop_after_s: float = 5.0) -> ray.actor.ActorHandle:
-    """The one tracker of this Ray cluster; detached so it outlives the replica that made it."""
+    """The one tracker of this Ray cluster; detached so it outlives the replica that made it,
+    and outside that replica's placement group, which Serve removes with the replica."""
     return ray.remote(LoadTracker).options(
         name=TRACKER_NAME, namespace=TRACKER_NAMESPACE, get_if_exists=True,
         lifetime="detached", num_cpus=0, max_restarts=-1,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     ).remote(drop_after_s)
 
 

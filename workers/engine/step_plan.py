@@ -1,0 +1,87 @@
+"""The step plan: what every rank needs to run one step, and its hand-off from the driver.
+
+The driver flattens a scheduled batch into a StepPlan (token ids, positions, slot mapping,
+per-sequence query starts, context lengths and block tables, which rows sample). With more
+than one rank it broadcasts the plan as one int64 tensor over the gloo group from rank 0: a
+fixed-size header with the lengths, then the payload. Workers keep no request state; a plan
+of kind STOP ends their loop.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from workers.engine.distributed import ParallelContext
+
+RUN, STOP = 1, 0
+HEADER = 7  # kind, tokens, seqs, table width, sample rows, prompt-logprob rows, unused
+
+
+@dataclass
+class StepPlan:
+    input_ids: list[int] | torch.Tensor
+    positions: list[int] | torch.Tensor
+    slot_mapping: list[int] | torch.Tensor
+    query_start_loc: list[int]  # [num_seqs + 1]
+    seq_lens: list[int]  # context length of each sequence after this step
+    block_tables: list[list[int]] | torch.Tensor  # padded to the widest table with 0
+    sample_rows: list[int]  # rows whose logits are sampled, in batch order
+    prompt_rows: list[tuple[int, int, int]]  # (batch index, first row, count) for logprobs
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc[-1]
+
+    @property
+    def query_lens(self) -> list[int]:
+        starts = self.query_start_loc
+        return [b - a for a, b in itertools.pairwise(starts)]
+
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(header, payload) int64 tensors."""
+        tables = torch.as_tensor(self.block_tables, dtype=torch.int64)
+        seqs, width = tables.shape
+        flat_prompt = [x for row in self.prompt_rows for x in row]
+        ints = (list(self.input_ids) + list(self.positions) + list(self.slot_mapping)
+                + self.query_start_loc + self.seq_lens + self.sample_rows + flat_prompt)
+        payload = torch.cat([torch.tensor(ints, dtype=torch.int64), tables.view(-1)])
+        header = torch.tensor([RUN, self.num_tokens, seqs, width, len(self.sample_rows),
+                               len(self.prompt_rows), 0], dtype=torch.int64)
+        return header, payload
+
+    @classmethod
+    def unpack(cls, header: list[int], payload: torch.Tensor) -> StepPlan:
+        _, tokens, seqs, width, samples, prompts, _ = header
+        sizes = [tokens, tokens, tokens, seqs + 1, seqs, samples, 3 * prompts, seqs * width]
+        ids, pos, slots, starts, lens, rows, prompt, tables = payload.split(sizes)
+        flat = prompt.tolist()
+        return cls(ids, pos, slots, starts.tolist(), lens.tolist(), tables.view(seqs, width),
+                   rows.tolist(), [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)])
+
+
+def send_plan(plan: StepPlan | None, ctx: ParallelContext) -> None:
+    """Rank 0: hand the plan (None: stop) to every other rank."""
+    if plan is None:
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        dist.broadcast(header, 0, group=ctx.cpu_group)
+        return
+    header, payload = plan.pack()
+    dist.broadcast(header, 0, group=ctx.cpu_group)
+    dist.broadcast(payload, 0, group=ctx.cpu_group)
+
+
+def receive_plan(ctx: ParallelContext) -> StepPlan | None:
+    """Other ranks: wait for the next plan; None when the driver stops the group."""
+    header = torch.empty(HEADER, dtype=torch.int64)
+    dist.broadcast(header, 0, group=ctx.cpu_group)
+    values = header.tolist()
+    if values[0] == STOP:
+        return None
+    _, tokens, seqs, width, samples, prompts, _ = values
+    payload = torch.empty(3 * tokens + 2 * seqs + 1 + samples + 3 * prompts + seqs * width,
+                          dtype=torch.int64)
+    dist.broadcast(payload, 0, group=ctx.cpu_group)
+    return StepPlan.unpack(values, payload)
