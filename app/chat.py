@@ -14,6 +14,7 @@ from typing import Any
 import jinja2
 
 from app.errors import bad_request
+from app.parsers.mistral import TOOL_CALLS, nine_char_id
 from app.protocol import ChatMessage, Tool
 from app.special_tokens import Masker, SpecialTokens
 
@@ -102,8 +103,12 @@ class ChatTemplate:
         source = tokenizer.chat_template or ""
         self.knows_tools = "tools" in source
         self.knows_tool_calls = "tool_calls" in source
+        self.nine_char_ids = TOOL_CALLS in source
         self.reserved = reserved_kwargs(tokenizer)
         self.special = SpecialTokens(tokenizer)
+
+    def call_id(self, call_id: str | None) -> str | None:
+        return nine_char_id(call_id) if self.nine_char_ids else call_id
 
     def conversation(self, messages: list[ChatMessage], tools: list[Tool] | None) -> list[dict]:
         conversation = []
@@ -115,7 +120,7 @@ class ChatTemplate:
                 turn["name"] = message.name
             if message.tool_calls and self.knows_tool_calls:
                 turn["tool_calls"] = [
-                    {"id": c.id, "type": "function",
+                    {"id": self.call_id(c.id), "type": "function",
                      "function": {"name": c.function.name,
                                   "arguments": parse_arguments(c.function.arguments)}}
                     for c in message.tool_calls]
@@ -124,7 +129,7 @@ class ChatTemplate:
                          for c in message.tool_calls]
                 turn["content"] = "\n".join(([text] if text else []) + calls)
             if role == "tool" and self.knows_tools:
-                turn["tool_call_id"] = message.tool_call_id
+                turn["tool_call_id"] = self.call_id(message.tool_call_id)
             elif role == "tool":
                 turn = {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
             conversation.append(turn)

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions, streamed or whole."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from app.ingress import Ingress
 from app.logprobs import chat_logprobs
 from app.metrics import GenerationTimer
 from app.params import chat_schema, check_prompt_chars, per_choice, sampling_params
+from app.parsers.registry import RequestParsers
 from app.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -43,8 +45,7 @@ class ChatPlan:
     prompt: str
     prompt_ids: list[int]
     params: SamplingParams
-    tools_on: bool
-    forced: bool  # tool_choice required or named: the output is a constrained tool call
+    parsers: RequestParsers  # what the output goes through: tools on, forced, reasoning
 
 
 def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "messages"
@@ -73,20 +74,22 @@ def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "mes
     params = sampling_params(request, prompt_len=len(prompt_ids), limits=ingress.limits,
                              max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
                              json_schema=schema, what=what)
-    return ChatPlan(prompt.text, prompt_ids, params, tools_on, forced)
+    parsers = ingress.parsers.for_request(tools_on, forced, prompt.text)
+    if parsers.keeps_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
+    return ChatPlan(prompt.text, prompt_ids, params, parsers)
 
 
 async def create_chat_completion(ingress: Ingress, request: ChatCompletionRequest,
                                  raw: Request) -> Response:
     plan = await run_in_threadpool(plan_chat, ingress, request)
-    prompt_ids, params, tools_on, forced = plan.prompt_ids, plan.params, plan.tools_on, plan.forced
+    prompt_ids, params = plan.prompt_ids, plan.params
     top_n = request.top_logprobs or 0
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     ingress.log_prompt(response_id, plan.prompt)
     jobs = [Job(i, prompt_ids, per_choice(params, i), f"{response_id}-{i}")
             for i in range(request.n)]
-    choices = [ChoiceOutput(i, ingress.settings.reasoning_parser, tools_on, forced)
-               for i in range(request.n)]
+    choices = [ChoiceOutput(i, plan.parsers) for i in range(request.n)]
     timer = ingress.metrics.timer("chat", getattr(raw.state, "arrival", time.monotonic()))
     fanout = Fanout(ingress.client, jobs)
     if not await start_unless_disconnected(raw, fanout):

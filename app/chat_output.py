@@ -2,18 +2,33 @@
 logprobs not sent yet, and the usage counts."""
 from __future__ import annotations
 
-from app.parsers.reasoning_parser import ReasoningParser, split_reasoning
-from app.parsers.tool_parser import ToolParser, parse_tool_calls
-from app.protocol import DeltaMessage, ToolCall
+from app.parsers.base import parse_whole
+from app.parsers.events import CallStart, Event, Reasoning, Text
+from app.parsers.reasoning import split_reasoning
+from app.parsers.registry import RequestParsers
+from app.protocol import DeltaMessage, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 from workers.engine.outputs import RequestOutput, TokenLogprob
 
 
+def delta_message(event: Event) -> DeltaMessage:
+    if isinstance(event, Text):
+        return DeltaMessage(content=event.text)
+    if isinstance(event, Reasoning):
+        return DeltaMessage(reasoning_content=event.text)
+    if isinstance(event, CallStart):
+        return DeltaMessage(tool_calls=[ToolCallDelta(
+            index=event.index, id=event.id, type="function",
+            function=FunctionCallDelta(name=event.name, arguments=""))])
+    return DeltaMessage(tool_calls=[ToolCallDelta(
+        index=event.index, function=FunctionCallDelta(arguments=event.fragment))])
+
+
 class ChoiceOutput:
-    def __init__(self, index: int, reasoning: bool, tools: bool, forced_tool: bool) -> None:
+    def __init__(self, index: int, parsers: RequestParsers) -> None:
         self.index = index
-        self.reasoning = ReasoningParser() if reasoning else None
-        self.tools = ToolParser(forced=forced_tool) if tools else None
-        self.forced_tool = forced_tool
+        self.parsers = parsers
+        self.reasoning = parsers.reasoning_parser()
+        self.tools = parsers.tool_parser()
         self.text = ""
         self.logprobs: list[TokenLogprob] = []
         self.unsent_logprobs: list[TokenLogprob] = []
@@ -40,19 +55,20 @@ class ChoiceOutput:
     def feed(self, text: str) -> list[DeltaMessage]:
         if not text:
             return []
-        deltas = self.reasoning.feed(text) if self.reasoning else [DeltaMessage(content=text)]
-        return self.through_tools(deltas)
+        events = self.reasoning.feed(text) if self.reasoning else [Text(text)]
+        return [delta_message(e) for e in self.through_tools(events)]
 
     def flush(self) -> list[DeltaMessage]:
-        deltas = self.through_tools(self.reasoning.flush()) if self.reasoning else []
-        return deltas + (self.tools.flush() if self.tools else [])
+        events = self.through_tools(self.reasoning.flush()) if self.reasoning else []
+        events += self.tools.flush() if self.tools else []
+        return [delta_message(e) for e in events]
 
-    def through_tools(self, deltas: list[DeltaMessage]) -> list[DeltaMessage]:
+    def through_tools(self, events: list[Event]) -> list[Event]:
         if self.tools is None:
-            return deltas
-        out: list[DeltaMessage] = []
-        for delta in deltas:
-            out += self.tools.feed(delta.content) if delta.content is not None else [delta]
+            return events
+        out: list[Event] = []
+        for event in events:
+            out += self.tools.feed(event.text) if isinstance(event, Text) else [event]
         return out
 
     def streamed_finish_reason(self) -> str:
@@ -63,10 +79,15 @@ class ChoiceOutput:
 
     def message_parts(self) -> tuple[str | None, str | None, list[ToolCall]]:
         """(reasoning_content, content, tool_calls) of the finished text."""
-        reasoning, content = split_reasoning(self.text) if self.reasoning else (None, self.text)
-        calls: list[ToolCall] = []
-        if self.tools is not None:
-            content, calls = parse_tool_calls(content, forced=self.forced_tool)
+        reasoning_parser = self.parsers.reasoning_parser()
+        reasoning, content = (split_reasoning(reasoning_parser, self.text) if reasoning_parser
+                              else (None, self.text))
+        tool_parser = self.parsers.tool_parser()
+        if tool_parser is None:
+            return reasoning, content, []
+        content, parsed = parse_whole(tool_parser, content)
+        calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                 for c in parsed]
         return reasoning, content, calls
 
     def openai_finish_reason(self, has_calls: bool) -> str:

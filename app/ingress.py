@@ -14,6 +14,7 @@ from app.errors import bad_request, model_not_found
 from app.logprobs import TokenTexts
 from app.metrics import Metrics
 from app.params import Limits, prompt_chars_bound
+from app.parsers.registry import ParserChoice, choose_parsers
 from app.settings import Settings
 
 logger = logging.getLogger("pagoda.api")
@@ -29,6 +30,7 @@ class Ingress:
     metrics: Metrics
     model_name: str
     limits: Limits
+    parsers: ParserChoice
 
     @classmethod
     def create(cls, client: EngineClient, settings: Settings) -> Ingress:
@@ -36,6 +38,11 @@ class Ingress:
         tokenizer = client.tokenizer
         name = settings.served_model_name or config.served_model_name
         vocab_size = config.hf_config.get("vocab_size") or len(tokenizer)
+        parsers = choose_parsers(config.hf_config.get("model_type"), tokenizer.chat_template,
+                                 settings.tool_parser, settings.reasoning_parser)
+        logger.info("model %s: tool parser %s, reasoning parser %s (%s)", name,
+                    parsers.tool or "none (forced calls only)", parsers.reasoning or "none",
+                    parsers.reason)
         return cls(
             client=client, settings=settings, tokenizer=tokenizer,
             template=ChatTemplate(tokenizer), texts=TokenTexts(tokenizer),
@@ -44,6 +51,7 @@ class Ingress:
                           prompt_chars_bound(config.max_model_len, tokenizer),
                           settings.max_choices or config.max_num_seqs
                           + config.max_waiting_requests),
+            parsers=parsers,
         )
 
     def check_model(self, name: str | None) -> None:

@@ -153,6 +153,12 @@ def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits
     check_token_ids(list(bias), limits.vocab_size, "logit_bias")
     check_token_ids(request.stop_token_ids or [], limits.vocab_size, "stop_token_ids")
     check_schema(json_schema, "response_format")
+    grammar = request.structured_outputs.grammar if request.structured_outputs else None
+    if request.structured_outputs is not None and grammar is None:
+        raise bad_request("structured_outputs needs a grammar.", "structured_outputs.grammar")
+    if grammar is not None and json_schema is not None:
+        raise bad_request("structured_outputs cannot be combined with response_format or a "
+                          "forced tool_choice.", "structured_outputs")
     params = SamplingParams(
         n=request.n,
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -173,6 +179,7 @@ def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits
         logit_bias=bias,
         skip_special_tokens=request.skip_special_tokens,
         json_schema=json_schema,
+        grammar=grammar,
     )
     check_context(prompt_len, max_tokens, limits.max_model_len, what)
     return params

@@ -85,6 +85,14 @@ class ResponseFormat(Request):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extension; of its constraints, the EBNF grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grammar: str | None = None
+
+
 class SamplingRequest(Request):
     """Fields shared by chat and text completions (OpenAI's plus vLLM-style extras)."""
 
@@ -106,6 +114,7 @@ class SamplingRequest(Request):
     logit_bias: dict[str, float] | None = None
     skip_special_tokens: bool = True
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -118,7 +118,9 @@ class ApiArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reasoning_parser: bool | None = None
+    # None: the PAGODA_ environment's choice, else "auto" (chosen from the model folder)
+    tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral"] | None = None
+    reasoning_parser: Literal["auto", "none", "think", "deepseek_r1", "qwen3"] | None = None
     max_n: int | None = Field(None, ge=1)
     log_prompts: bool | None = None
     retry_after_s: int | None = Field(None, ge=0)

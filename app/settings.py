@@ -16,7 +16,9 @@ def _env_flag(name: str, default: bool) -> bool:
 class Settings:
     api_key: str | None = None  # None: no authentication
     served_model_name: str | None = None  # None: the engine config's served_model_name
-    reasoning_parser: bool = False  # split <think>...</think> into reasoning_content
+    # parser names of app/parsers/registry.py; "auto" picks them from the model folder
+    tool_parser: str = "auto"
+    reasoning_parser: str = "auto"
     max_n: int = 16
     log_prompts: bool = False  # prompt text in logs is opt-in
     retry_after_s: int = 1  # Retry-After sent with 503 when the queue is full
@@ -40,7 +42,8 @@ class Settings:
         return cls(
             api_key=os.environ.get("PAGODA_API_KEY") or None,
             served_model_name=os.environ.get("PAGODA_SERVED_MODEL_NAME") or None,
-            reasoning_parser=_env_flag("PAGODA_REASONING_PARSER", False),
+            tool_parser=os.environ.get("PAGODA_TOOL_PARSER") or "auto",
+            reasoning_parser=os.environ.get("PAGODA_REASONING_PARSER") or "auto",
             max_n=int(os.environ.get("PAGODA_MAX_N", "16")),
             log_prompts=_env_flag("PAGODA_LOG_PROMPTS", False),
             retry_after_s=int(os.environ.get("PAGODA_RETRY_AFTER_S", "1")),

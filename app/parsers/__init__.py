@@ -1,1 +1,2 @@
-"""Parsers of generated text: tool calls and reasoning, split out of the streamed deltas."""
+"""Output parsers: tool calls per model family and `<think>` reasoning, fed token-text deltas and
+giving endpoint-neutral events (`events.py`); `registry.py` picks them for a model."""

@@ -21,6 +21,7 @@ from app.errors import APIError, to_api_error
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.metrics import GenerationTimer
+from app.parsers.registry import RequestParsers
 from app.responses.conversation import chat_request, request_items, to_messages
 from app.responses.output import Event, OutputBuilder
 from app.responses.protocol import (
@@ -46,11 +47,11 @@ class ResponseRun:
     """One response being generated: its object, the parsers and the output items."""
 
     def __init__(self, ingress: Ingress, request: ResponsesRequest, items: list[dict],
-                 prompt_tokens: int, tools_on: bool, forced: bool) -> None:
+                 prompt_tokens: int, parsers: RequestParsers) -> None:
         self.ingress = ingress
         self.items = items  # the conversation up to this response, stored with it
         self.prompt_tokens = prompt_tokens
-        self.choice = ChoiceOutput(0, ingress.settings.reasoning_parser, tools_on, forced)
+        self.choice = ChoiceOutput(0, parsers)
         self.builder = OutputBuilder(request.parallel_tool_calls)
         self.response = ResponseObject(
             model=ingress.model_name, instructions=request.instructions,
@@ -116,7 +117,7 @@ async def create_response(ingress: Ingress, store: ResponseStore, request: Respo
     items = history + request_items(request)
     messages = to_messages(request.instructions, items, first_new=len(history))
     plan = await run_in_threadpool(plan_chat, ingress, chat_request(request, messages), "input")
-    run = ResponseRun(ingress, request, items, len(plan.prompt_ids), plan.tools_on, plan.forced)
+    run = ResponseRun(ingress, request, items, len(plan.prompt_ids), plan.parsers)
     ingress.log_prompt(run.response.id, plan.prompt)
     timer = ingress.metrics.timer("responses", getattr(raw.state, "arrival", time.monotonic()))
     fanout = Fanout(ingress.client, [Job(0, plan.prompt_ids, plan.params, run.response.id)])

@@ -35,7 +35,7 @@ def model_name(engine) -> str:
 @pytest.fixture(scope="module")
 def thinking(engine):
     """A server with the reasoning parser on."""
-    live = serve(engine, reasoning_parser=True)
+    live = serve(engine, reasoning_parser="think")
     with httpx.Client(base_url=live.url, timeout=120) as http:
         yield http
     live.stop()

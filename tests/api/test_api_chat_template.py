@@ -6,7 +6,8 @@ from transformers import AutoTokenizer
 
 from app.chat import ChatTemplate
 from app.errors import APIError
-from app.parsers.tool_parser import parse_tool_calls
+from app.parsers.base import parse_whole
+from app.parsers.hermes import HermesParser
 from app.protocol import ChatMessage, Tool
 
 
@@ -79,8 +80,8 @@ def test_earlier_tool_calls_render_as_parseable_text(template):
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"})
     text = template.render(history)
     assistant = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
-    _, calls = parse_tool_calls(assistant)
-    assert calls[0].function.name == "get_weather"
+    _, calls = parse_whole(HermesParser(), assistant)
+    assert calls[0].name == "get_weather"
     assert "<tool_response>\nsunny\n</tool_response>" in text
 
 

@@ -59,8 +59,9 @@ class AsyncLLMEngine:
         if self._stats["num_waiting"] >= self.config.max_waiting_requests:
             raise QueueFullError(f"{self._stats['num_waiting']} requests are waiting; "
                                  "try again shortly.")
-        if params.json_schema is not None:  # compile here so a bad schema is a 400, not a fault
-            self.engine.grammar_compiler.matcher(params.json_schema)
+        if params.json_schema is not None or params.grammar is not None:
+            # compile here so a bad schema or grammar is a 400, not a fault
+            self.engine.grammar_compiler.matcher(params.json_schema, params.grammar)
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._send(("add", request_id, list(prompt_token_ids), params))

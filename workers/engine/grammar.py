@@ -1,4 +1,5 @@
-"""Constrained decoding with xgrammar: JSON (schema) grammars that mask the sampler's logits."""
+"""Constrained decoding with xgrammar: JSON-schema or EBNF grammars that mask the sampler's
+logits."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ def schema_problem(error: Exception) -> str:
 
 
 class GrammarCompiler:
-    """Compiles and caches JSON-schema grammars for one tokenizer."""
+    """Compiles and caches JSON-schema and EBNF grammars for one tokenizer."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
@@ -36,22 +37,30 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._cache: dict[str, xgr.CompiledGrammar] = {}
 
-    def _compile(self, schema: dict) -> xgr.CompiledGrammar:
-        key = json.dumps(schema, sort_keys=True)  # the cache key only: fields keep their order
+    def _compile(self, schema: dict | None, ebnf: str | None) -> xgr.CompiledGrammar:
+        # the cache key only: a schema's fields keep their order
+        key = json.dumps(schema, sort_keys=True) if ebnf is None else f"ebnf:{ebnf}"
         if key not in self._cache:
             if len(self._cache) >= 128:
                 self._cache.pop(next(iter(self._cache)))
-            if schema == {"type": "object"}:
+            if ebnf is not None:
+                self._cache[key] = self.compiler.compile_grammar(ebnf)
+            elif schema == {"type": "object"}:
                 self._cache[key] = self.compiler.compile_builtin_json_grammar()
             else:
                 self._cache[key] = self.compiler.compile_json_schema(json.dumps(schema),
                                                                      any_whitespace=False)
         return self._cache[key]
 
-    def matcher(self, schema: dict) -> Grammar:
+    def matcher(self, schema: dict | None = None, ebnf: str | None = None) -> Grammar:
+        """The grammar state of a sequence constrained by a JSON schema or an EBNF grammar."""
         try:
-            compiled = self._compile(schema)
-        except Exception as e:  # xgrammar raises several types for unsupported schemas
+            compiled = self._compile(schema, ebnf)
+        except Exception as e:  # xgrammar raises several types for unsupported grammars
+            if ebnf is not None:
+                logger.info("grammar rejected by the grammar compiler: %s", e)
+                raise InvalidRequestError(f"The grammar cannot be used: {schema_problem(e)}.",
+                                          param="structured_outputs.grammar") from e
             logger.info("JSON schema rejected by the grammar compiler: %s", e)
             raise InvalidRequestError(f"The JSON schema cannot be used: {schema_problem(e)}.",
                                       param="response_format") from e

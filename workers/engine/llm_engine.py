@@ -100,8 +100,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        if params.json_schema is not None:
-            seq.grammar = self.grammar_compiler.matcher(params.json_schema)
+        if params.json_schema is not None or params.grammar is not None:
+            seq.grammar = self.grammar_compiler.matcher(params.json_schema, params.grammar)
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
         if params.prior_output is not None:

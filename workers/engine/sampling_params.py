@@ -42,6 +42,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # JSON schema (dict) or {"type": "object"} for json_object; compiled by the grammar module.
     json_schema: dict | None = None
+    grammar: str | None = None  # an EBNF grammar (xgrammar's dialect), the other constraint
     prior_output: PriorOutput | None = None  # set when resuming a request on another replica
 
     def __post_init__(self) -> None:
