@@ -35,7 +35,7 @@ from app.settings import Settings
 def build_app(client: EngineClient, settings: Settings | None = None,
               store: ResponseStore | None = None) -> FastAPI:
     """`store` keeps Responses API responses; by default, in this process."""
-    settings = settings or Settings.from_env()
+    settings = settings or Settings()
     ingress = Ingress.create(client, settings)
     store = store or LocalStore(settings.response_store_records,
                                 settings.response_store_mb * 2**20)

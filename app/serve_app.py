@@ -5,7 +5,6 @@ ingress -> ModelReplica, and the ingress's handle routes with PagodaRequestRoute
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ray import serve
@@ -34,9 +33,8 @@ class PagodaIngress:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.client = ReplicaClient(replica, config, tokenizer,
                                     max_resumes=parsed.replicas.max_resumes)
-        self.settings = dataclasses.replace(Settings.from_env(),
-                                            max_choices=parsed.replicas.max_choices(),
-                                            **parsed.api.model_dump(exclude_none=True))
+        self.settings = Settings(max_choices=parsed.replicas.max_choices(),
+                                 **parsed.api.model_dump(exclude_none=True))
 
     def __serve_build_asgi_app__(self) -> Any:
         from app.api import build_app as build_api
