@@ -1,4 +1,4 @@
-"""The C++ CPU paged decode against the gather-and-softmax reference, and the fallback without it."""
+"""The C++ CPU paged decode against the gather-and-softmax reference, and the fallback."""
 from __future__ import annotations
 
 import pytest
