@@ -71,8 +71,10 @@ def engine(model_dir):
     from workers.engine.async_engine import AsyncLLMEngine
     from workers.engine.config import EngineConfig
 
+    # exact equality needs float32: in bf16 a re-prefill and the decodes it replaces round apart
     eng = AsyncLLMEngine(EngineConfig(model=model_dir, max_model_len=MAX_MODEL_LEN,
-                                      num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=8))
+                                      num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=8,
+                                      dtype="float32"))
     yield eng
     asyncio.run(eng.shutdown(drain=False))
 

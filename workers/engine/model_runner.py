@@ -250,7 +250,8 @@ class ModelRunner:
 
     def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.compute_logits(hidden)
-        if logits.dtype == torch.float32 or self.ctx.world_size > 1:  # shards hold part of it
+        # tensor-parallel ranks hold a vocabulary shard (None past the gather on rank > 0)
+        if self.ctx.world_size > 1 or logits.dtype == torch.float32:
             return logits
         # bf16 keeps 8 bits of mantissa: logits near 20 round to steps of 0.125, enough to
         # swap the top two tokens. The top candidates are recomputed exactly in fp32.
