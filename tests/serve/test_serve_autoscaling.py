@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from serve_helpers import running_replicas
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -25,18 +26,6 @@ def serve_config() -> dict:
                             upscale_delay_s=1, downscale_delay_s=8,
                             graceful_shutdown_timeout_s=60)
     return config
-
-
-def running_replicas() -> int:
-    """Asks this cluster's Serve controller; `serve.status()` would reuse a client cached for
-    an earlier module's cluster."""
-    import ray
-    from ray.serve.schema import ServeInstanceDetails
-
-    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-    details = ServeInstanceDetails(**ray.get(controller.get_serve_instance_details.remote()))
-    deployment = details.applications["pagoda"].deployments["ModelReplica"]
-    return sum(replica.state == "RUNNING" for replica in deployment.replicas)
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:

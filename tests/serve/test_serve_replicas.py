@@ -118,24 +118,24 @@ def test_killing_the_tracker_falls_back_and_serves(serve_app):
     assert len(serve_app.wait_for_replicas(2, timeout_s=30)) == 2
 
 
-def test_killing_a_replica_mid_stream_ends_the_stream_and_service_recovers(serve_app):
+def test_killing_a_replica_mid_stream_resumes_the_stream_and_service_recovers(serve_app):
     import ray
 
     serve_app.wait_for_replicas(2)
-    body = chat("Count slowly to one thousand.", max_tokens=1500, ignore_eos=True, stream=True)
+    body = chat("Count slowly to one thousand.", max_tokens=160, ignore_eos=True, stream=True)
     events: list[str] = []
     url = f"{serve_app.base_url}/v1/chat/completions"
-    with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body) as r:
+    with httpx.Client(timeout=120) as http, http.stream("POST", url, json=body) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         skip_to_first_content(lines)
         victim = busy_replica(serve_app)
         ray.kill(serve_app.replica_actor(victim), no_restart=True)
-        start = time.monotonic()
         events = [line for line in lines if line.startswith("data: ")]
-        assert time.monotonic() - start < 60  # the stream ended instead of hanging
     assert events[-1] == "data: [DONE]"
-    assert any("error" in json.loads(e[len("data: "):]) for e in events[:-1])
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert not any("error" in c for c in chunks)  # resumed on the survivor, not ended
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # Serve starts a replacement; the tracker drops the dead
         ids = serve_app.replica_ids()

@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from serve_helpers import running_replicas
 
 from workers.store.response_store import STORE_ACTOR, STORE_NAMESPACE
 
@@ -28,15 +29,12 @@ def serve_config() -> dict:
 
 
 def wait_for_ingress_replicas(count: int, timeout_s: float = 300) -> None:
-    from ray import serve
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = serve.status().applications["pagoda"].deployments["PagodaIngress"]
-        if status.replica_states.get("RUNNING", 0) == count:
+        if running_replicas("PagodaIngress") == count:
             return
         time.sleep(1)
-    raise TimeoutError(f"expected {count} running ingress replicas: {status}")
+    raise TimeoutError(f"expected {count} running ingress replicas")
 
 
 def test_conversation_and_store_span_ingress_replicas(serve_app):
