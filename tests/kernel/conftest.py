@@ -7,11 +7,6 @@ import random
 import pytest
 import torch
 
-# Triton picks its interpreter when first imported, which only these tests and the Triton
-# attention backend do: without a GPU, kernels run in the interpreter.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 SEED = int(os.environ.get("KERNEL_TEST_SEED", random.randrange(2**31)))
 
 
