@@ -16,9 +16,10 @@ def greedy(model_dir: str, backend: str) -> tuple[list[list[int]], int]:
     """A 16-token step budget cuts the first prompt into two chunks while "Hi" decodes beside
     it (mixed batches); the second call hits the prefix cache, so prefill runs after a cached
     block too. Kept small: the interpreter runs each Triton program in Python."""
+    # float32, like every token-equality test: bf16 backends may round a near-tie apart
     llm = LLM(EngineConfig(model=model_dir, attention_backend=backend, block_size=8,
                            max_model_len=128, num_kv_blocks=32, max_num_seqs=4,
-                           max_num_batched_tokens=16))
+                           max_num_batched_tokens=16, dtype="float32"))
     assert llm.engine.runner.backend.name == backend
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     first = llm.generate([PREFIX + "What is the capital of France?", "Hi"], params)
