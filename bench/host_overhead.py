@@ -122,9 +122,9 @@ def instrument(engine, totals: dict[str, float]) -> None:
 
 
 def run_scenario(engine, decodes: int, prefill: int, steps: int, corpus: list[int],
-                 rng: random.Random, totals: dict[str, float]) -> list[float]:
-    """Seconds per timed step, each step's full `step()` (and the stand-in's ~0 forward);
-    totals holds the phase times of the timed steps only."""
+                 rng: random.Random, totals: dict[str, float]) -> list[tuple[float, float]]:
+    """(seconds, seconds in argmax) per timed step, each step's full `step()` (and the
+    stand-in's ~0 forward); totals holds the phase times of the timed steps only."""
     from workers.engine.sampling_params import SamplingParams
 
     budget = WARMUP_STEPS + steps + 8
@@ -141,9 +141,10 @@ def run_scenario(engine, decodes: int, prefill: int, steps: int, corpus: list[in
         if prefill:  # fresh tokens: no prefix-cache hit
             engine.add_request(f"p{s}", [rng.randrange(100, 40000) for _ in range(prefill)],
                                one_token)
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
+        with ArgmaxTimer() as kernel:
+            start = time.perf_counter()
+            engine.step()
+            times.append((time.perf_counter() - start, kernel.seconds))
     timed = dict(totals)
     engine.abort_all()
     while engine.has_unfinished():
@@ -153,18 +154,33 @@ def run_scenario(engine, decodes: int, prefill: int, steps: int, corpus: list[in
     return times
 
 
-def argmax_ms(rows: int, vocab_size: int) -> float:
-    """The one vocabulary-wide kernel greedy sampling cannot avoid: device work (microseconds
-    on a GPU, milliseconds on one CPU thread), charged to no host phase."""
-    import torch
+class ArgmaxTimer:
+    """Times every `Tensor.argmax` while active: greedy sampling's one vocabulary-wide kernel,
+    device work (microseconds on a GPU, milliseconds on one CPU thread) charged to no host
+    phase. Timed inline, in the same step, so a busy machine skews both sides alike."""
 
-    logits = torch.randn(rows, vocab_size)
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        logits.argmax(dim=-1)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    def __init__(self) -> None:
+        import torch
+
+        self.tensor = torch.Tensor
+        self.original = torch.Tensor.argmax
+        self.seconds = 0.0
+
+    def __enter__(self) -> ArgmaxTimer:
+        original = self.original
+
+        def argmax(tensor, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        self.tensor.argmax = argmax
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tensor.argmax = self.original
 
 
 def measure() -> dict[str, dict[str, float]]:
@@ -176,14 +192,15 @@ def measure() -> dict[str, dict[str, float]]:
     totals: dict[str, float] = defaultdict(float)
     for name, decodes, prefill, steps in SCENARIOS:
         times = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0), totals)
-        step = 1e3 * statistics.median(times)
-        kernel = argmax_ms(decodes + (1 if prefill else 0), engine.vocab_size)
-        results[name] = {"step": step, "argmax": kernel, "host": step - kernel}
+        host = [t - k for t, k in times]
+        results[name] = {"step": 1e3 * statistics.median(t for t, _ in times),
+                         "argmax": 1e3 * statistics.median(k for _, k in times),
+                         "host": 1e3 * statistics.median(host)}
     instrument(engine, totals)
     for name, decodes, prefill, steps in SCENARIOS:
         times = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0), totals)
         ms = {phase: 1e3 * t / steps for phase, t in totals.items()}
-        ms["other"] = 1e3 * sum(times) / steps - sum(ms.values())
+        ms["other"] = 1e3 * sum(t for t, _ in times) / steps - sum(ms.values())
         results[name].update(ms)
     engine.close()
     return results
@@ -247,7 +264,8 @@ def main() -> None:
         + "`: one engine step with a model whose forward costs nothing (fixed logits of the "
         "real [rows, 49152] shape), so every millisecond is host work: scheduling, input "
         "preparation, sampling, detokenization and stop checks, output objects. Host = median "
-        "step minus the greedy argmax over [rows, 49152] logits (device work, timed alone). "
+        "over steps of the step minus its greedy argmax over [rows, 49152] logits (device "
+        "work on a GPU, timed inline). "
         "Phase columns come from a second, instrumented pass (ms per step; `sample` includes "
         "the argmax; timer cost lands in other). One CPU thread for torch.\n\n" + body))
 

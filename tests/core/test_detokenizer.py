@@ -39,3 +39,26 @@ def test_stop_string_across_tokens_is_cut_and_never_emitted(tokenizer):
             break
     assert matched == "a gam"
     assert emitted == "alpha bet"
+
+
+class WindowOnly:
+    """The tokenizer without its Rust backend: the detokenizer decodes windows instead."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decode = tokenizer.decode
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_stream_and_window_decoding_agree(tokenizer, skip_special_tokens):
+    prompt = tokenizer.encode("Say it:")
+    ids = tokenizer.encode(" Héllo wörld — 你好 🐉") + [tokenizer.eos_token_id] + \
+        tokenizer.encode("\n  done ünd")
+    texts = []
+    for tok in (tokenizer, WindowOnly(tokenizer)):
+        d = Detokenizer(tok, prompt, stop=[], skip_special_tokens=skip_special_tokens)
+        assert (d.stream is not None) == (tok is tokenizer)
+        for t in ids:
+            d.add_token(t)
+        texts.append(d.take(finished=True))
+    assert texts[0] == texts[1]
+    assert texts[0].startswith(" Héllo")

@@ -135,6 +135,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         """The request is over: its blocks go back and the engine forgets it."""
         self.scheduler.finish(seq, reason)
+        self.runner.release(seq.request_id)
         self.seqs.pop(seq.request_id, None)
         self.faults.forget(seq.request_id)
 

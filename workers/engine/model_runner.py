@@ -26,6 +26,7 @@ from workers.engine.distributed import (
 )
 from workers.engine.dtype import choose_dtype
 from workers.engine.errors import WorkerGroupError
+from workers.engine.input_batch import InputBatch
 from workers.engine.loader import load_weights
 from workers.engine.model import CausalLM, ModelConfig
 from workers.engine.packed_linear import PackedLinear, pack_linears, packing_supported
@@ -84,6 +85,8 @@ class ModelRunner:
                 self.model.lm_head = PackedLinear(self.model.embed_tokens.weight)
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
         self.kv_caches = self._allocate_kv()
+        self.input_batch = InputBatch(config.max_num_seqs, config.max_blocks_per_seq,
+                                      config.block_size)
         self.last_prepare_time = 0.0  # seconds spent flattening the last batch
         self.last_handoff_time = 0.0  # seconds spent handing the last plan to the other ranks
         self.broken = False  # a step across ranks failed: the group cannot be used again
@@ -122,31 +125,11 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepPlan:
         """Flatten the batch into the plan every rank runs."""
-        bs = self.config.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts, seq_lens, sample_rows = [0], [], []
-        prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
-            begin = seq.num_computed_tokens
-            input_ids += seq.token_ids[begin:begin + n]
-            pos = range(begin, begin + n)
-            positions += pos
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in pos]
-            starts.append(starts[-1] + n)
-            seq_lens.append(begin + n)
-            if begin + n == seq.num_tokens:
-                sample_rows.append(starts[-1] - 1)
-            if seq.params.prompt_logprobs is not None and begin < seq.num_prompt_tokens - 1:
-                # row j predicts the token at position begin + j + 1
-                count = min(n, seq.num_prompt_tokens - 1 - begin)
-                prompt_rows.append((len(starts) - 2, starts[-2], count))
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-        return StepPlan(input_ids, positions, slots, starts, seq_lens, tables, sample_rows,
-                        prompt_rows)
+        return self.input_batch.plan(batch)
+
+    def release(self, request_id: str) -> None:
+        """The request is over: forget its step inputs."""
+        self.input_batch.release(request_id)
 
     def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         def tensor(data, dtype):

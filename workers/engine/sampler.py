@@ -26,11 +26,11 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        # the runner's logits are this step's scratch: modified in place, never copied whole
         logits = logits[:, : self.vocab_size].float()
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(
             k is not None for k in want_logprobs) else None
-        logits = logits.clone() if raw_logprobs is None else logits
         self._apply_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
         self._apply_masks(logits, seqs)

@@ -45,9 +45,9 @@ class StepPlan:
         tables = torch.as_tensor(self.block_tables, dtype=torch.int64)
         seqs, width = tables.shape
         flat_prompt = [x for row in self.prompt_rows for x in row]
-        ints = (list(self.input_ids) + list(self.positions) + list(self.slot_mapping)
-                + self.query_start_loc + self.seq_lens + self.sample_rows + flat_prompt)
-        payload = torch.cat([torch.tensor(ints, dtype=torch.int64), tables.view(-1)])
+        small = self.query_start_loc + self.seq_lens + self.sample_rows + flat_prompt
+        parts = (self.input_ids, self.positions, self.slot_mapping, small, tables)
+        payload = torch.cat([torch.as_tensor(p, dtype=torch.int64).reshape(-1) for p in parts])
         header = torch.tensor([RUN, self.num_tokens, seqs, width, len(self.sample_rows),
                                len(self.prompt_rows), 0], dtype=torch.int64)
         return header, payload
