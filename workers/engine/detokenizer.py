@@ -3,9 +3,9 @@
 With a `tokenizers` backend, the Rust DecodeStream decodes each token in one call (~2 us,
 7x less than decoding a window twice in Python: it runs for every sequence every step).
 Otherwise text is decoded over a short window of recent tokens. Either way a delta is
-released only when it does not end in an incomplete UTF-8 character. When stop strings are set, the last
-`max(len(stop)) - 1` characters are held back so a stop string split across tokens is never
-emitted.
+released only when it does not end in an incomplete UTF-8 character. When stop strings are
+set, the last `max(len(stop)) - 1` characters are held back so a stop string split across
+tokens is never emitted.
 """
 from __future__ import annotations
 
