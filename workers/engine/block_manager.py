@@ -120,7 +120,7 @@ class BlockManager:
                 previous = self.blocks[seq.block_table[i - 1]] if i else None
                 block.parent = (previous.block_id, previous.version) if previous else None
                 self.cached[hashes[i]] = block.block_id
-        seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+        seq.num_registered_blocks = max(seq.num_registered_blocks, min(full, len(hashes)))
 
     def free_seq(self, seq: Sequence) -> None:
         # Reverse order: a sequence's tail blocks are the least likely to be shared, evict first.

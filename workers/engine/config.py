@@ -25,6 +25,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 1024
     cuda_graphs: bool = True
+    # overlap steps (the host prepares step N+1 while the device runs step N); None: on a
+    # single GPU, where the host otherwise idles the device; off on CPU, where nothing overlaps
+    async_scheduling: bool | None = None
     num_threads: int | None = None  # CPU matmul threads; None: every core (Ray would give 1)
     tensor_parallel_size: int = 1  # devices that split every layer (one node)
     pipeline_parallel_size: int = 1  # stages of consecutive layers (may span nodes)
@@ -60,6 +63,9 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
+        if self.async_scheduling and self.world_size > 1:
+            raise ValueError("async_scheduling needs tensor_parallel_size and "
+                             "pipeline_parallel_size 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
 
@@ -67,6 +73,11 @@ class EngineConfig:
     def world_size(self) -> int:
         """Devices, and ranks, of one replica."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def overlap_steps(self, device_type: str) -> bool:
+        if self.async_scheduling is None:
+            return device_type == "cuda" and self.world_size == 1
+        return self.async_scheduling
 
     @cached_property
     def max_blocks_per_seq(self) -> int:

@@ -7,6 +7,10 @@ computed for the whole batch at once from the rows, in NumPy.
 
     batch = InputBatch(max_num_seqs, max_blocks_per_seq, block_size)
     plan = batch.plan(scheduled)   # a StepPlan with int64 tensors, ready for every rank
+
+With overlapped steps a decode's input token may still be on the device (sampled by the
+step in flight): the plan then holds 0 there and lists (token row, sampled row) in `pending`,
+for the runner to fill on the device.
 """
 from __future__ import annotations
 
@@ -64,9 +68,11 @@ class InputBatch:
         """The request finished: its row is free at once."""
         self.tables.release(request_id)
 
-    def plan(self, batch: ScheduledBatch) -> StepPlan:
-        """Flatten the batch into the plan every rank runs."""
+    def plan(self, batch: ScheduledBatch, sampled_rows: dict[str, int] | None = None) -> StepPlan:
+        """Flatten the batch into the plan every rank runs; sampled_rows: the row of each
+        request's token in the step in flight."""
         rows, begins, token_ids = [], [], []
+        pending: list[tuple[int, int]] = []
         sample_rows: list[int] = []
         prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
         width = start = 0
@@ -74,13 +80,16 @@ class InputBatch:
             rows.append(self.tables.row(seq))
             begin = seq.num_computed_tokens
             begins.append(begin)
-            if n == 1:
+            if n == 1 and begin == seq.num_tokens:  # its input is the token in flight
+                pending.append((start, sampled_rows[seq.request_id]))
+                token_ids.append(0)
+            elif n == 1:
                 token_ids.append(seq.token_ids[begin])
             else:
                 token_ids += seq.token_ids[begin:begin + n]
             width = max(width, len(seq.block_table))
             start += n
-            if begin + n == seq.num_tokens:
+            if begin + n == seq.num_scheduled_tokens:
                 sample_rows.append(start - 1)
             if seq.params.prompt_logprobs is not None and begin < seq.num_prompt_tokens - 1:
                 # row j predicts the token at position begin + j + 1
@@ -96,4 +105,4 @@ class InputBatch:
         slots = tables[owner, positions // bs] * bs + positions % bs
         return StepPlan(torch.tensor(token_ids, dtype=torch.int64), torch.from_numpy(positions),
                         torch.from_numpy(slots), starts.tolist(), (begin_arr + counts).tolist(),
-                        torch.from_numpy(tables), sample_rows, prompt_rows)
+                        torch.from_numpy(tables), sample_rows, prompt_rows, pending)

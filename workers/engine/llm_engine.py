@@ -1,4 +1,10 @@
-"""The synchronous engine: add_request, step (schedule -> run -> sample -> postprocess), abort."""
+"""The engine: add_request, step (schedule -> run -> sample -> postprocess), abort.
+
+With `async_scheduling` a step is overlapped: the host schedules and launches step N+1 while
+step N's sampled tokens are still on the device (they are N+1's decode inputs there), then
+reads N's tokens and detokenizes, checks stops and builds outputs for them, one step behind.
+A request that stopped at N has its N+1 token dropped, so outputs are those of plain steps.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,14 +17,16 @@ from transformers import AutoTokenizer
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import Detokenizer
-from workers.engine.errors import ContextLengthError, EngineDeadError, InvalidRequestError
+from workers.engine.errors import EngineDeadError, InvalidRequestError
 from workers.engine.fault_injection import FaultInjector
+from workers.engine.in_flight import InFlight, needs_history
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
+from workers.engine.validation import validate_request
 from workers.engine.worker import ProcessWorkers, Workers
 
 log = logging.getLogger("pagoda.engine")
@@ -50,6 +58,8 @@ class LLMEngine:
         self.failed: list[tuple[str, Exception]] = []  # (request id, error) of the last step
         self.last_step_time = 0.0  # seconds in the last model forward
         self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
+        self.async_scheduling = config.overlap_steps(self.runner.device.type)
+        self.in_flight: InFlight | None = None
 
     def _eos_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -68,29 +78,7 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise a typed error if the request cannot be served; changes no state."""
-        limit = self.config.max_model_len
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("The prompt is empty.", param="prompt")
-        if n >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt "
-                f"has {n} tokens, leaving no room for output.", param="messages")
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
-                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
-        prior = params.prior_output.token_ids if params.prior_output is not None else []
-        if n + len(prior) >= limit:
-            raise ContextLengthError(f"This model's maximum context length is {limit} tokens; "
-                                     "the resumed request has no room left.", param="max_tokens")
-        bad = [t for t in list(prompt_token_ids) + prior if not 0 <= t < self.vocab_size]
-        bad += [t for t in list(params.logit_bias) + params.stop_token_ids
-                if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {self.vocab_size}).", param="prompt")
+        validate_request(prompt_token_ids, params, self.config.max_model_len, self.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -140,7 +128,7 @@ class LLMEngine:
         self.faults.forget(seq.request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def workers_alive(self) -> bool:
         return self.workers is None or self.workers.alive()
@@ -157,17 +145,73 @@ class LLMEngine:
         """One engine step. Requests whose step raised are in `failed` afterwards, not returned."""
         start = time.perf_counter()
         self.failed = []
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        # decodes first, shortest context first: attention backends batch them in slices
-        order = sorted(range(len(batch)), key=lambda i: (batch.num_new_tokens[i] > 1,
-                                                         batch.seqs[i].num_computed_tokens))
-        batch.seqs = [batch.seqs[i] for i in order]
-        batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
         self.last_step_time = 0.0
-        outputs = self._run(batch)
+        outputs: list[RequestOutput] = []
+        prev, self.in_flight = self.in_flight, None
+        if prev is not None and any(needs_history(s) for s in prev.sampling if not s.finished):
+            outputs, prev = self._complete(prev), None
+        batch = self.scheduler.schedule()
+        if batch:
+            # decodes first, shortest context first: attention backends batch them in slices
+            order = sorted(range(len(batch)), key=lambda i: (batch.num_new_tokens[i] > 1,
+                                                             batch.seqs[i].num_computed_tokens))
+            batch.seqs = [batch.seqs[i] for i in order]
+            batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
+            if self.async_scheduling:
+                outputs += self._launch_or_run(batch, prev)
+                prev = None
+            else:
+                outputs += self._run(batch)
+        if prev is not None:
+            outputs += self._complete(prev)
         self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
+        return outputs
+
+    def _launch_or_run(self, batch: ScheduledBatch, prev: InFlight | None) -> list[RequestOutput]:
+        """Launch the batch, then complete the step before it; if the launch raises, complete
+        that step and run the batch the plain way, which isolates a failing request."""
+        try:
+            self.faults.check([s.request_id for s in batch.seqs])
+            forward_start = time.perf_counter()
+            logits = self.runner.execute(batch, prev and prev.sampled and prev.sampled.token_ids,
+                                         prev.rows if prev else None)
+            self.last_step_time += (time.perf_counter() - forward_start
+                                    - self.runner.last_prepare_time)
+            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                        if s.num_computed_tokens + n == s.num_scheduled_tokens]
+            sampled = self.sampler.sample(logits.sample, sampling) if sampling else None
+        except EngineDeadError:
+            raise
+        except Exception as e:
+            log.warning("an overlapped step raised (%r): running it step by step", e,
+                        exc_info=True)
+            outputs = self._complete(prev) if prev is not None else []
+            live = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                    if not s.finished]
+            return outputs + (self._run(ScheduledBatch(*map(list, zip(*live, strict=True))))
+                              if live else [])
+        for i, prompt_logits in logits.prompt.items():
+            self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        for seq in sampling:
+            seq.num_pending += 1
+        self.in_flight = InFlight(batch.seqs, sampling, sampled)
+        outputs = self._complete(prev) if prev is not None else []
+        for seq in batch.seqs:  # every input token is known now: register full blocks
+            if not seq.finished:
+                self.block_manager.cache_full_blocks(seq)
+        return outputs
+
+    def _complete(self, step: InFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens; requests that ended meanwhile drop theirs."""
+        sampled = step.sampled.resolve() if step.sampled is not None else None
+        outputs = []
+        for i, seq in enumerate(step.sampling):
+            seq.num_pending -= 1
+            if not seq.finished:
+                outputs.append(self._append_token(seq, sampled.token_ids[i],
+                                                  sampled.logprobs[i]))
         return outputs
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
@@ -274,6 +318,7 @@ class LLMEngine:
     def abort_all(self, reason: str = "abort") -> list[Sequence]:
         """Drop every request (after an engine fault); returns the dropped sequences."""
         dropped = list(self.seqs.values())
+        self.in_flight = None
         for seq in dropped:
             if seq.status != SequenceStatus.FINISHED:
                 self._finish(seq, reason)

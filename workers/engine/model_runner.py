@@ -123,9 +123,10 @@ class ModelRunner:
         dist.gather_object(self.weight_bytes, out, dst=0, group=self.ctx.cpu_group)
         return out or []
 
-    def prepare(self, batch: ScheduledBatch) -> StepPlan:
+    def prepare(self, batch: ScheduledBatch,
+                sampled_rows: dict[str, int] | None = None) -> StepPlan:
         """Flatten the batch into the plan every rank runs."""
-        return self.input_batch.plan(batch)
+        return self.input_batch.plan(batch, sampled_rows)
 
     def release(self, request_id: str) -> None:
         """The request is over: forget its step inputs."""
@@ -152,13 +153,16 @@ class ModelRunner:
         return tensor(plan.input_ids, torch.int64), tensor(plan.positions, torch.int64), meta
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepLogits:
-        """Run the batch; logits of the sequences that sample, and of prompt-logprob rows."""
+    def execute(self, batch: ScheduledBatch, sampled: torch.Tensor | None = None,
+                sampled_rows: dict[str, int] | None = None) -> StepLogits:
+        """Run the batch; logits of the sequences that sample, and of prompt-logprob rows.
+        `sampled` holds the previous step's tokens, still on the device, for the decodes
+        whose input they are (`sampled_rows`: request id -> row)."""
         start = time.perf_counter()
-        plan = self.prepare(batch)
+        plan = self.prepare(batch, sampled_rows)
         self.last_prepare_time = time.perf_counter() - start
         if self.ctx.world_size == 1:
-            return self.run(plan)
+            return self.run(plan, sampled)
         try:  # a rank that fails mid-step leaves the group out of step: the replica is done
             send_plan(plan, self.ctx)
             self.last_handoff_time = time.perf_counter() - start - self.last_prepare_time
@@ -169,9 +173,12 @@ class ModelRunner:
                                    f"{e}") from e
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> StepLogits | None:
+    def run(self, plan: StepPlan, sampled: torch.Tensor | None = None) -> StepLogits | None:
         """This rank's part of one step; the logits on the driver, None on other ranks."""
         input_ids, positions, meta = self.inputs(plan)
+        if plan.pending:  # inputs sampled by the previous step: copied device to device
+            rows, sources = torch.tensor(plan.pending).to(self.device, non_blocking=True).T
+            input_ids[rows] = sampled[sources]
         if self.graphs.can_run(meta):
             return self._logits(self.graphs.run(input_ids, positions, meta), plan)
         # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would

@@ -13,10 +13,28 @@ from workers.engine.outputs import TokenLogprob
 from workers.engine.sequence import Sequence
 
 
+def on_device(values: list, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for the device (an overlapped step runs)."""
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+
+
+@dataclass
+class SampledTokens:
+    """One step's sampled tokens, still on the device until `resolve` reads them."""
+
+    token_ids: torch.Tensor  # [rows] int64
+    raw_logprobs: torch.Tensor | None  # [rows, vocab] when any row wants logprobs
+    want_logprobs: list[int | None]
+
+    def resolve(self) -> SamplerOutput:
+        tokens = self.token_ids.tolist()  # the host waits for the device here
+        return SamplerOutput(tokens, logprobs_of(self.raw_logprobs, tokens, self.want_logprobs))
 
 
 class Sampler:
@@ -24,8 +42,11 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        return self.sample(logits, seqs).resolve()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         # the runner's logits are this step's scratch: modified in place, never copied whole
         logits = logits[:, : self.vocab_size].float()
         want_logprobs = [s.params.logprobs for s in seqs]
@@ -34,9 +55,7 @@ class Sampler:
         self._apply_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
         self._apply_masks(logits, seqs)
-        tokens = self._sample(logits, seqs)
-        token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, want_logprobs))
+        return SampledTokens(self._sample(logits, seqs), raw_logprobs, want_logprobs)
 
     def _apply_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         rows, cols, vals = [], [], []
@@ -44,7 +63,7 @@ class Sampler:
             for token, bias in s.params.logit_bias.items():
                 rows.append(i), cols.append(token), vals.append(bias)
         if rows:
-            logits[rows, cols] += torch.tensor(vals, device=logits.device)
+            logits[rows, cols] += on_device(vals, logits.device)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         idx = [i for i, s in enumerate(seqs) if s.params.presence_penalty or
@@ -78,11 +97,12 @@ class Sampler:
                 s.grammar.mask_logits(logits[i])
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        greedy_rows = [s.params.greedy for s in seqs]
         argmax = logits.argmax(dim=-1)
-        if bool(greedy.all()):
+        if all(greedy_rows):  # decided on the host: no wait for the device
             return argmax
-        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
+        greedy = on_device(greedy_rows, logits.device)
+        temps = on_device([s.params.temperature or 1.0 for s in seqs], logits.device)
         logits = logits / temps[:, None]
         logits = self._top_k_top_p_min_p(logits, seqs)
         probs = torch.softmax(logits, dim=-1)
@@ -103,18 +123,18 @@ class Sampler:
         if use_k or use_p:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             if use_k:
-                k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+                k = on_device([p.top_k if p.top_k > 0 else vocab for p in params], device)
                 ranks = torch.arange(vocab, device=device)[None, :]
                 sorted_logits.masked_fill_(ranks >= k[:, None], -float("inf"))
             if use_p:
-                top_p = torch.tensor([p.top_p for p in params], device=device)
+                top_p = on_device([p.top_p for p in params], device)
                 cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
                 # keep a token while the mass before it is below top_p (the top token always)
                 sorted_logits.masked_fill_(cum - sorted_logits.softmax(-1) >= top_p[:, None],
                                            -float("inf"))
             logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
         if use_min_p:
-            min_p = torch.tensor([p.min_p for p in params], device=device)
+            min_p = on_device([p.min_p for p in params], device)
             probs = logits.softmax(dim=-1)
             threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
             logits = logits.masked_fill(probs < threshold, -float("inf"))
@@ -124,22 +144,24 @@ class Sampler:
                        top_n: int) -> list[TokenLogprob]:
         """Logprobs of given tokens (row i scored against targets[i]) with top_n alternatives."""
         raw = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
-        return self._logprobs(raw, targets, [top_n] * len(targets))
+        return logprobs_of(raw, targets, [top_n] * len(targets))
 
-    def _logprobs(self, raw: torch.Tensor | None, tokens: list[int],
-                  want: list[int | None]) -> list[TokenLogprob | None]:
-        if raw is None:
-            return [None] * len(tokens)
-        k = max(w or 0 for w in want)
-        top_vals, top_ids = raw.topk(k, dim=-1) if k else (None, None)
-        chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1)
-        chosen = chosen.tolist()
-        result: list[TokenLogprob | None] = []
-        for i, w in enumerate(want):
-            if w is None:
-                result.append(None)
-                continue
-            top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist(),
-                           strict=True)) if w else []
-            result.append((tokens[i], chosen[i], top))
-        return result
+
+def logprobs_of(raw: torch.Tensor | None, tokens: list[int],
+                want: list[int | None]) -> list[TokenLogprob | None]:
+    """Per row: (token, its logprob, the top `want` alternatives); None where not wanted."""
+    if raw is None:
+        return [None] * len(tokens)
+    k = max(w or 0 for w in want)
+    top_vals, top_ids = raw.topk(k, dim=-1) if k else (None, None)
+    chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1)
+    chosen = chosen.tolist()
+    result: list[TokenLogprob | None] = []
+    for i, w in enumerate(want):
+        if w is None:
+            result.append(None)
+            continue
+        top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist(),
+                       strict=True)) if w else []
+        result.append((tokens[i], chosen[i], top))
+    return result

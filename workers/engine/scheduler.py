@@ -55,7 +55,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.num_pending and seq.reaches_max_tokens:
+                i += 1  # finishes when its last token reaches the host
+                continue
+            n = min(seq.num_scheduled_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, n):
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)

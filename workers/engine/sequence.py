@@ -23,6 +23,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_pending: int = 0  # sampled on the device, not yet in token_ids (overlapped steps)
     block_table: list[int] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks already in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
@@ -53,6 +54,17 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the scheduler can compute: the known ones and those still on the device."""
+        return self.num_tokens + self.num_pending
+
+    @property
+    def reaches_max_tokens(self) -> bool:
+        """Its pending tokens end it by max_tokens: nothing more to compute."""
+        limit = self.params.max_tokens
+        return limit is not None and self.num_output_tokens + self.num_pending >= limit
 
     @property
     def finished(self) -> bool:

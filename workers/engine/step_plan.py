@@ -9,7 +9,7 @@ of kind STOP ends their loop.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,9 @@ class StepPlan:
     block_tables: list[list[int]] | torch.Tensor  # padded to the widest table with 0
     sample_rows: list[int]  # rows whose logits are sampled, in batch order
     prompt_rows: list[tuple[int, int, int]]  # (batch index, first row, count) for logprobs
+    # (token row, row of the previous step's sampled tokens): inputs still on the driver's
+    # device, filled there; only single-rank engines overlap steps, so never sent
+    pending: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
