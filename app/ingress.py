@@ -36,7 +36,7 @@ class Ingress:
     def create(cls, client: EngineClient, settings: Settings) -> Ingress:
         config = client.config
         tokenizer = client.tokenizer
-        name = settings.served_model_name or config.served_model_name
+        name = config.model_name
         vocab_size = config.hf_config.get("vocab_size") or len(tokenizer)
         parsers = choose_parsers(config.hf_config.get("model_type"), tokenizer.chat_template,
                                  settings.tool_parser, settings.reasoning_parser)
@@ -47,10 +47,8 @@ class Ingress:
             client=client, settings=settings, tokenizer=tokenizer,
             template=ChatTemplate(tokenizer), texts=TokenTexts(tokenizer),
             metrics=Metrics(name, client.stats), model_name=name,
-            limits=Limits(config.max_model_len, vocab_size, settings.max_n,
-                          prompt_chars_bound(config.max_model_len, tokenizer),
-                          settings.max_choices or config.max_num_seqs
-                          + config.max_waiting_requests),
+            limits=Limits(config.context_len, vocab_size, settings.max_n,
+                          prompt_chars_bound(config.context_len, tokenizer), client.max_choices),
             parsers=parsers,
         )
 

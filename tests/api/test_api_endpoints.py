@@ -23,7 +23,7 @@ def test_tokenize_round_trip_and_chat_prompt_count(http, engine):
     tokenized = http.post("/tokenize", json={"prompt": text}).json()
     assert tokenized["tokens"] == engine.tokenizer.encode(text)
     assert tokenized["count"] == len(tokenized["tokens"])
-    assert tokenized["max_model_len"] == engine.config.max_model_len
+    assert tokenized["max_model_len"] == engine.config.context_len
     assert http.post("/detokenize", json={"tokens": tokenized["tokens"]}).json() == \
         {"prompt": text}
     chat = http.post("/tokenize", json={"messages": MESSAGES}).json()
