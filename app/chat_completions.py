@@ -66,9 +66,8 @@ def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "mes
     if max_tokens is None:
         max_tokens = request.max_tokens
     top_n = request.top_logprobs or 0
-    params = sampling_params(request, prompt_len=len(prompt_ids), limits=ingress.limits,
-                             max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
-                             json_schema=schema, what=what)
+    params = sampling_params(request, limits=ingress.limits, max_tokens=max_tokens,
+                             logprobs=top_n if request.logprobs else None, json_schema=schema)
     parsers = ingress.parsers.for_request(tools_on, forced, prompt.text)
     if parsers.keeps_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
@@ -87,6 +86,7 @@ class ChatGeneration:
     """The n choices of one chat completion, as chunks or one response."""
 
     endpoint = "chat"
+    what = "messages"
     done = DONE
 
     def __init__(self, ingress: Ingress, request: ChatCompletionRequest, plan: ChatPlan) -> None:

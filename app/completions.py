@@ -5,6 +5,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -14,11 +15,10 @@ from app.errors import bad_request
 from app.fanout import Job
 from app.generation import Outputs, run_generation
 from app.ingress import Ingress
-from app.logprobs import completion_logprobs, merge_completion_logprobs
+from app.logprobs import TokenTexts, completion_logprobs, merge_completion_logprobs
 from app.params import (
     check_choices,
     check_prompt_chars,
-    check_token_ids,
     per_choice,
     sampling_params,
     schema_of_response_format,
@@ -38,8 +38,13 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 @dataclass
 class Prompt:
-    text: str
     token_ids: list[int]
+    given: str | None = None  # the text sent; None: token ids, decoded once the engine took them
+
+    def text(self, tokenizer: Any) -> str:
+        if self.given is None:
+            self.given = tokenizer.decode(self.token_ids)
+        return self.given
 
 
 @dataclass
@@ -56,19 +61,20 @@ class CompletionOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
 
-    def record(self, texts, out: RequestOutput) -> tuple[str, CompletionLogprobs | None]:
+    def record(self, texts: TokenTexts, out: RequestOutput
+               ) -> tuple[str, CompletionLogprobs | None]:
         """The text and logprobs this output adds to the choice (the echo first)."""
         text, part = out.text, None
         entries, token_ids = list(out.logprobs or []), list(out.token_ids)
         if not self.started:
             self.started = True
             if self.echo:
-                text = self.prompt.text + text
+                text = self.prompt.text(texts.tokenizer) + text
                 if out.prompt_logprobs is not None:
                     entries = list(out.prompt_logprobs) + entries
                     token_ids = self.prompt.token_ids + token_ids
                 else:  # no prompt logprobs from the engine: offsets start after the echo
-                    self.offset = len(self.prompt.text)
+                    self.offset = len(self.prompt.text(texts.tokenizer))
         if self.top_n is not None and token_ids:
             part = completion_logprobs(texts, entries, token_ids, self.top_n, self.offset)
             self.offset += sum(len(t) for t in part.tokens)
@@ -90,10 +96,9 @@ def read_prompts(ingress: Ingress, request: CompletionRequest) -> list[Prompt]:
     for item in items:
         if isinstance(item, str):
             check_prompt_chars(len(item), ingress.limits, "prompt")
-            prompts.append(Prompt(item, ingress.tokenizer.encode(item)))
+            prompts.append(Prompt(ingress.tokenizer.encode(item), item))
         else:
-            check_token_ids(item, ingress.limits.vocab_size, "prompt")
-            prompts.append(Prompt(ingress.tokenizer.decode(item), list(item)))
+            prompts.append(Prompt(list(item)))
         if not prompts[-1].token_ids:
             raise bad_request("prompt must not be empty.", "prompt")
     return prompts
@@ -106,7 +111,7 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
         raise bad_request("suffix is not supported.", "suffix")
     # tokenizing and schema checks of large inputs must not hold up the event loop
     gen = await run_in_threadpool(CompletionGeneration, ingress, request)
-    ingress.log_prompt(gen.id, [p.text for p in gen.prompts])
+    ingress.log_prompt(gen.id, [p.given or p.token_ids for p in gen.prompts])
     return await run_generation(ingress, raw, gen, request.stream)
 
 
@@ -114,6 +119,7 @@ class CompletionGeneration:
     """One engine call per prompt and choice, and the outputs they fill."""
 
     endpoint = "completions"
+    what = "prompt"
     done = DONE
 
     def __init__(self, ingress: Ingress, request: CompletionRequest) -> None:
@@ -131,10 +137,8 @@ class CompletionGeneration:
             if max_tokens is None:
                 room = ingress.limits.max_model_len - len(prompt.token_ids)
                 max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room))
-            params = sampling_params(request, prompt_len=len(prompt.token_ids),
-                                     limits=ingress.limits, max_tokens=max_tokens,
-                                     logprobs=request.logprobs, json_schema=schema,
-                                     what="prompt")
+            params = sampling_params(request, limits=ingress.limits, max_tokens=max_tokens,
+                                     logprobs=request.logprobs, json_schema=schema)
             if request.echo and request.logprobs is not None:
                 params.prompt_logprobs = request.logprobs
             for i in range(request.n):

@@ -13,6 +13,7 @@ from app.disconnect import collect_unless_disconnected, start_unless_disconnecte
 from app.fanout import Fanout, Job
 from app.ingress import Ingress
 from app.streaming import EventStream, sse_body
+from workers.engine.errors import ContextLengthError
 from workers.engine.outputs import RequestOutput
 
 Outputs = AsyncIterator[tuple[int, RequestOutput]]  # (choice index, output) as they arrive
@@ -22,6 +23,7 @@ class Generation(Protocol):
     """What an endpoint adds: its engine calls and how their outputs become a response."""
 
     endpoint: str  # the metrics label
+    what: str  # what the client calls the prompt, named in context-length errors
     jobs: list[Job]
     prompt_tokens: int
     done: str  # the stream's last event
@@ -44,8 +46,11 @@ async def run_generation(ingress: Ingress, raw: Request, gen: Generation, stream
                          ) -> Response:
     timer = ingress.metrics.timer(gen.endpoint, getattr(raw.state, "arrival", time.monotonic()))
     fanout = Fanout(ingress.client, gen.jobs)
-    if not await start_unless_disconnected(raw, fanout):
-        return Response(status_code=499)
+    try:
+        if not await start_unless_disconnected(raw, fanout):
+            return Response(status_code=499)
+    except ContextLengthError as e:
+        raise e.named(gen.what) from None
 
     async def observed() -> Outputs:
         async for index, out in fanout.outputs():

@@ -44,6 +44,7 @@ class ResponseRun:
     """One response being generated: its object, the parsers and the output items."""
 
     endpoint = "responses"
+    what = "input"
     done = ""  # the events end themselves
 
     def __init__(self, ingress: Ingress, store: ResponseStore, request: ResponsesRequest,

@@ -80,29 +80,21 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise a typed error if the request cannot be served; changes no state."""
-        limit = self.max_model_len
-        n = len(prompt_token_ids)
-        if n == 0:
+        if not prompt_token_ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
-        if n >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt "
-                f"has {n} tokens, leaving no room for output.", param="messages")
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
-                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
         prior = params.prior_output.token_ids if params.prior_output is not None else []
-        if n + len(prior) >= limit:
-            raise ContextLengthError(f"This model's maximum context length is {limit} tokens; "
-                                     "the resumed request has no room left.", param="max_tokens")
-        bad = [t for t in list(prompt_token_ids) + prior if not 0 <= t < self.vocab_size]
-        bad += [t for t in list(params.logit_bias) + params.stop_token_ids
-                if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {self.vocab_size}).", param="prompt")
+        n, limit = len(prompt_token_ids), self.max_model_len
+        if n + len(prior) >= limit:  # a resumed request's output so far counts as prompt
+            raise ContextLengthError(limit, n + len(prior))
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ContextLengthError(limit, n, params.max_tokens)
+        for param, ids in (("prompt", list(prompt_token_ids) + prior),
+                           ("logit_bias", params.logit_bias),
+                           ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(f"Token id {bad} is outside the vocabulary "
+                                          f"[0, {self.vocab_size}).", param)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, compiled: CompiledGrammar | None = None) -> None:
