@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from app.chat_completions import create_chat_completion
 from app.completions import create_completion
 from app.engine_client import EngineClient
-from app.errors import APIError, install_error_handlers
+from app.errors import APIError, ErrorResponse, install_error_handlers
 from app.ingress import Ingress
 from app.middleware import RequestContext
 from app.params import check_token_ids
@@ -27,7 +27,6 @@ from app.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,

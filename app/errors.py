@@ -9,11 +9,10 @@ from collections.abc import Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from app.protocol import ErrorInfo, ErrorResponse
 from workers.engine.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -24,6 +23,17 @@ from workers.engine.errors import (
 logger = logging.getLogger("pagoda.api")
 
 INTERNAL_MESSAGE = "The server had an error while processing your request."
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
 
 
 class APIError(HTTPException):
