@@ -24,15 +24,14 @@ from workers.router.request_router import PagodaRequestRouter
 class PagodaIngress:
     """Tokenizes, applies the chat template and streams SSE; generation runs on replicas."""
 
-    def __init__(self, replica: DeploymentHandle, args: dict[str, Any]) -> None:
+    def __init__(self, replica: DeploymentHandle, args: PagodaArgs) -> None:
         from transformers import AutoTokenizer
 
-        parsed = PagodaArgs.model_validate(args)
-        tokenizer = AutoTokenizer.from_pretrained(parsed.engine.model)
-        self.client = ReplicaClient(replica, parsed.engine, tokenizer,
-                                    max_choices=parsed.replicas.max_choices(),
-                                    max_resumes=parsed.replicas.max_resumes)
-        self.settings = Settings.of(parsed.api)
+        tokenizer = AutoTokenizer.from_pretrained(args.engine.model)
+        self.client = ReplicaClient(replica, args.engine, tokenizer,
+                                    max_choices=args.replicas.max_choices(),
+                                    max_resumes=args.replicas.max_resumes)
+        self.settings = Settings.of(args.api)  # the environment of the ingress's node
 
     def __serve_build_asgi_app__(self) -> Any:
         from app.api import build_app as build_api
@@ -51,5 +50,4 @@ def build_app(args: PagodaArgs | dict[str, Any]) -> Application:
     replica = ModelReplica.options(
         **args.replica_options(), request_router_config=router,
     ).bind(args.engine, args.replicas.report_interval_s)
-    return PagodaIngress.options(**args.ingress.deployment_options()).bind(
-        replica, args.model_dump(mode="json"))
+    return PagodaIngress.options(**args.ingress.deployment_options()).bind(replica, args)
