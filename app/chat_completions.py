@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from fastapi import Request, Response
@@ -133,7 +133,7 @@ class ChatGeneration:
                                           usage=self.usage())
         return JSONResponse(response.model_dump())
 
-    async def events(self, outputs: Outputs) -> AsyncIterator[str]:
+    async def events(self, outputs: Outputs) -> AsyncGenerator[str, None]:
         options = self.request.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and options is not None and options.continuous_usage_stats

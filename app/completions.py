@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,7 +172,7 @@ class CompletionGeneration:
                                       usage=self.usage())
         return JSONResponse(response.model_dump())
 
-    async def events(self, outputs: Outputs) -> AsyncIterator[str]:
+    async def events(self, outputs: Outputs) -> AsyncGenerator[str, None]:
         chunks = CompletionChunks(self.id, int(time.time()), self.ingress.model_name)
         async for index, out in outputs:
             output = self.outputs[index]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from fastapi import Request, Response
@@ -33,7 +33,7 @@ class Generation(Protocol):
     def record(self, index: int, out: RequestOutput) -> None:
         """Take in an output of a whole (not streamed) response."""
 
-    def events(self, outputs: Outputs) -> AsyncIterator[str]: ...
+    def events(self, outputs: Outputs) -> AsyncGenerator[str, None]: ...
 
     async def respond(self) -> Response:
         """The whole response, once every output is recorded."""

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 
 from starlette.requests import ClientDisconnect
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import APIError, error_response, unauthorized
@@ -30,7 +30,7 @@ OPEN_PATHS = {"/health", "/metrics", "/openapi.json"}
 def endpoint_of(routes: Sequence[BaseRoute], scope: Scope) -> str:
     """The metrics label of a request: the name of the route it goes to."""
     for route in routes:
-        if route.matches(scope)[0] != Match.NONE:
+        if isinstance(route, Route) and route.matches(scope)[0] != Match.NONE:
             return route.name
     return "other"
 

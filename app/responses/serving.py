@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -122,7 +122,7 @@ class ResponseRun:
         await self.save()
         return JSONResponse(self.response.wire())
 
-    async def events(self, outputs: Outputs) -> AsyncIterator[str]:
+    async def events(self, outputs: Outputs) -> AsyncGenerator[str, None]:
         """Named events numbered from 0; a failure after the start ends it as response.failed."""
         sequence = 0
 
