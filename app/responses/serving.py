@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -150,7 +150,7 @@ def sse(payload: dict) -> str:
 
 
 async def stream_events(run: ResponseRun, fanout: Fanout, store: ResponseStore,
-                        timer: GenerationTimer, raw: Request) -> AsyncIterator[str]:
+                        timer: GenerationTimer, raw: Request) -> AsyncGenerator[str, None]:
     """Named events numbered from 0; a failure after the start ends it as response.failed."""
     sequence = 0
 

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ray import serve
 
@@ -25,7 +25,8 @@ from workers.replica.metrics import ReplicaMetrics
 
 @serve.deployment(name="ModelReplica")  # options and router: ReplicaArgs, in app/serve_app.py
 class ModelReplica:
-    async def __init__(self, engine_config: dict, report_interval_s: float) -> None:
+    # Serve awaits an async constructor; mypy only knows synchronous ones
+    async def __init__(self, engine_config: dict, report_interval_s: float) -> None:  # type: ignore[misc]
         from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
         from workers.replica.worker_actor import RayWorkers
 
@@ -53,7 +54,7 @@ class ModelReplica:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, arrival_time: float | None = None,
                        avoid_replicas: list[str] | None = None,
-                       ) -> AsyncIterator[RequestOutput]:
+                       ) -> AsyncGenerator[RequestOutput, None]:
         """Streams the engine's deltas; the last one carries finish_reason.
 
         `avoid_replicas` is read by the request router (a resumed request shuns the replicas
