@@ -121,6 +121,8 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     continue
                 self._step()
+            for stream in list(self._streams.values()):  # the caller resumes them elsewhere
+                stream.put(EngineDeadError("the model replica stopped before this request ended"))
         except BaseException as e:  # a bug in the loop or a dead rank: fail everyone, report dead
             log.exception("engine loop died")
             self._dead = e

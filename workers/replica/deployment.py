@@ -114,6 +114,7 @@ class ModelReplica:
             raise EngineDeadError("the engine step loop or one of its worker ranks stopped")
 
     async def __del__(self) -> None:
-        # Serve calls this after in-flight requests finished or graceful_shutdown_timeout_s
+        # Serve calls this once in-flight requests finished or graceful_shutdown_timeout_s
+        # passed: streams still running end at once, and their callers resume them elsewhere
         await self.reporter.stop()
-        await self.engine.shutdown(drain=True)
+        await self.engine.shutdown(drain=False)
