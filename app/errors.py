@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,7 +70,7 @@ def unauthorized() -> APIError:
     return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
-def describe_validation(errors: Sequence[dict]) -> tuple[str, str | None]:
+def describe_validation(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """A readable message and the first offending parameter from pydantic's error list."""
     parts: list[str] = []
     first_param: str | None = None

@@ -44,6 +44,9 @@ class ReplicaArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
+    # a fixed count instead of autoscaling (min/max/initial are then unused), e.g. for an
+    # external scaler (`external_scaler_enabled: true` on the application lets it change it)
+    num_replicas: int | None = Field(None, ge=1)
     # continuous batching keeps many requests in flight per replica; scale out past this
     target_ongoing_requests: float = Field(16, gt=0)
     max_ongoing_requests: int = Field(64, ge=1)
@@ -78,7 +81,8 @@ class ReplicaArgs(BaseModel):
         """Engine calls the replicas can hold at once, running or queued; None: unbounded."""
         if self.max_queued_requests < 0:
             return None
-        return self.max_replicas * self.max_ongoing_requests + self.max_queued_requests
+        replicas = self.num_replicas or self.max_replicas
+        return replicas * self.max_ongoing_requests + self.max_queued_requests
 
     def deployment_options(self) -> dict[str, Any]:
         actor_options: dict[str, Any] = {"num_cpus": self.num_cpus}
@@ -93,8 +97,10 @@ class ReplicaArgs(BaseModel):
         }
         if self.initial_replicas is not None:
             autoscaling["initial_replicas"] = self.initial_replicas
+        scaling: dict[str, Any] = {"num_replicas": self.num_replicas} \
+            if self.num_replicas is not None else {"autoscaling_config": autoscaling}
         return {
-            "autoscaling_config": autoscaling,
+            **scaling,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": actor_options,

@@ -140,6 +140,15 @@ def test_args_reject_typos_and_bad_bounds():
         PagodaArgs.model_validate({"engine": {"num_threads": "auto"}, "replicas": {"num_gpus": 1}})
 
 
+def test_a_fixed_replica_count_turns_autoscaling_off():
+    replicas = PagodaArgs.model_validate({"replicas": {"num_replicas": 3}}).replicas
+    options = replicas.deployment_options()
+    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+    assert replicas.max_choices() == 3 * replicas.max_ongoing_requests + \
+        replicas.max_queued_requests
+    assert "num_replicas" not in PagodaArgs().replicas.deployment_options()
+
+
 @pytest.mark.parametrize("cores,plan", [(1, (1, 1)), (2, (1, 1)), (4, (1, 3)), (9, (1, 8)),
                                         (16, (2, 7)), (64, (8, 7))])
 def test_cpu_plan_keeps_a_core_for_serving_and_caps_threads(cores, plan):

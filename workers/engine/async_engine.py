@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError, QueueFullError
@@ -53,7 +53,7 @@ class AsyncLLMEngine:
 
     # ---- caller side (event loop) ----
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
         if not self.is_alive():
             raise EngineDeadError(f"engine loop is dead: {self._dead!r}")
         self.engine.validate(prompt_token_ids, params)
@@ -123,6 +123,8 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     continue
                 self._step()
+            for stream in list(self._streams.values()):  # the caller resumes them elsewhere
+                stream.put(EngineDeadError("the model replica stopped before this request ended"))
         except BaseException as e:  # a bug in the loop or a dead rank: fail everyone, report dead
             log.exception("engine loop died")
             self._dead = e

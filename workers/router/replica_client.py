@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +87,7 @@ class ReplicaClient:
         self.in_flight: dict[str, Any] = {}  # request id -> DeploymentResponseGenerator
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
         received = Received()
         lost: list[str] = []  # replicas that failed this request, avoided when routing it
         for resumes in range(self.max_resumes + 1):
@@ -110,7 +110,7 @@ class ReplicaClient:
                 await asyncio.sleep(RESUME_BACKOFF_S * resumes)
 
     async def stream(self, prompt_token_ids: list[int], params: SamplingParams,
-                     request_id: str, avoid: list[str]) -> AsyncIterator[RequestOutput]:
+                     request_id: str, avoid: list[str]) -> AsyncGenerator[RequestOutput, None]:
         """One attempt on one replica, its failures as typed engine errors."""
         response = None
         final: RequestOutput | None = None
@@ -145,8 +145,9 @@ class ReplicaClient:
         routed at the same time, would leave all but one waiting forever.
         """
         context = serve_context._get_serve_request_context()
+        # Serve declares this private ContextVar without its type, so mypy infers ContextVar[None]
         token = serve_context._serve_request_context.set(
-            dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
+            dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))  # type: ignore[arg-type]
         try:
             return self.handle.remote(*args, **kwargs)
         finally:
