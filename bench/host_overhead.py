@@ -67,7 +67,7 @@ def zero_cost_model(vocab_size: int, hidden_size: int, max_rows: int):
     return ZeroCostModel
 
 
-def build_engine(max_num_seqs: int, max_batched: int):
+def build_engine(max_num_seqs: int, max_batched: int, overlap: bool):
     """An LLMEngine over the stand-in model (patched in where the runner builds its model)."""
     import workers.engine.model_runner as model_runner
     from workers.engine.config import EngineConfig
@@ -75,7 +75,8 @@ def build_engine(max_num_seqs: int, max_batched: int):
 
     config = EngineConfig(model=MODEL, device="cpu", dtype="float32", max_model_len=4096,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
-                          num_kv_blocks=16384, enable_prefix_caching=True, num_threads=1)
+                          num_kv_blocks=16384, enable_prefix_caching=True, num_threads=1,
+                          **({"async_scheduling": True} if overlap else {}))
     hf = config.hf_config
     model_runner.CausalLM = zero_cost_model(hf["vocab_size"], hf["hidden_size"], max_num_seqs + 8)
     model_runner.load_weights = lambda model, path: None
@@ -183,9 +184,9 @@ class ArgmaxTimer:
         self.tensor.argmax = self.original
 
 
-def measure() -> dict[str, dict[str, float]]:
+def measure(overlap: bool = False) -> dict[str, dict[str, float]]:
     """Per scenario: median ms per step, the host part of it, and ms per step in each phase."""
-    engine = build_engine(max_num_seqs=256, max_batched=4096)
+    engine = build_engine(max_num_seqs=256, max_batched=4096, overlap=overlap)
     with open(os.path.join(ROOT, "README.md")) as f:
         corpus = engine.tokenizer.encode(f.read())
     results: dict[str, dict[str, float]] = {}
@@ -246,10 +247,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compare", help="also measure this git ref's engine, same run")
     parser.add_argument("--json", action="store_true", help="print results as JSON only")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="overlapped steps (on CPU the same work in another order)")
     parser.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, args.root)
-    results = measure()
+    results = measure(args.async_scheduling)
     if args.json:
         print(json.dumps(results))
         return
@@ -259,9 +262,12 @@ def main() -> None:
     sys.path.insert(0, ROOT)
     from bench.results import update_section
 
-    update_section("Engine host overhead per step (stand-in model, no forward)", (
-        "`python bench/host_overhead.py" + (f" --compare {args.compare}" if args.compare else "")
-        + "`: one engine step with a model whose forward costs nothing (fixed logits of the "
+    title = "Engine host overhead per step (stand-in model, no forward)"
+    flags = (f" --compare {args.compare}" if args.compare else "") + \
+        (" --async-scheduling" if args.async_scheduling else "")
+    update_section(title + (", overlapped steps" if args.async_scheduling else ""), (
+        f"`python bench/host_overhead.py{flags}`"
+        + ": one engine step with a model whose forward costs nothing (fixed logits of the "
         "real [rows, 49152] shape), so every millisecond is host work: scheduling, input "
         "preparation, sampling, detokenization and stop checks, output objects. Host = median "
         "over steps of the step minus its greedy argmax over [rows, 49152] logits (device "

@@ -8,8 +8,10 @@ A request that stopped at N has its N+1 token dropped, so outputs are those of p
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer
@@ -17,17 +19,21 @@ from transformers import AutoTokenizer
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import Detokenizer
-from workers.engine.errors import EngineDeadError, InvalidRequestError
+from workers.engine.errors import ContextLengthError, EngineDeadError, InvalidRequestError
 from workers.engine.fault_injection import FaultInjector
 from workers.engine.in_flight import InFlight, needs_history
 from workers.engine.model_runner import ModelRunner
-from workers.engine.outputs import RequestOutput
+from workers.engine.outputs import RequestOutput, request_output
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
-from workers.engine.validation import validate_request
 from workers.engine.worker import ProcessWorkers, Workers
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
+
+    from workers.engine.grammar import GrammarCompiler
 
 log = logging.getLogger("pagoda.engine")
 
@@ -36,6 +42,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig,
                  start_workers: Callable[[EngineConfig], Workers] = ProcessWorkers) -> None:
         self.config = config
+        self.max_model_len = config.context_len  # reads and checks the model folder first
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         # split over devices: this process is rank 0, the other ranks run in workers
         self.workers = start_workers(config) if config.world_size > 1 else None
@@ -52,7 +59,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
-        self._grammar = None  # GrammarCompiler, built on the first constrained request
+        self._grammar: GrammarCompiler | None = None  # built on the first constrained request
+        self._grammar_lock = threading.Lock()
         self.seqs: dict[str, Sequence] = {}
         self.faults = FaultInjector(config.fault_marker, self.tokenizer)
         self.failed: list[tuple[str, Exception]] = []  # (request id, error) of the last step
@@ -67,29 +75,50 @@ class LLMEngine:
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return ids
 
-    @property
-    def grammar_compiler(self):
-        if self._grammar is None:
-            from workers.engine.grammar import GrammarCompiler  # xgrammar is only needed here
+    def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
+        """The request's compiled constraint, if it has one; safe to call from any thread."""
+        if params.json_schema is None and params.grammar is None:
+            return None
+        with self._grammar_lock:
+            if self._grammar is None:
+                from workers.engine.grammar import GrammarCompiler  # xgrammar is only needed here
 
-            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size,
-                                            sorted(self.eos_token_ids))
-        return self._grammar
+                self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size,
+                                                sorted(self.eos_token_ids))
+        return self._grammar.compile(params.json_schema, params.grammar)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise a typed error if the request cannot be served; changes no state."""
-        validate_request(prompt_token_ids, params, self.config.max_model_len, self.vocab_size)
+        if not prompt_token_ids:
+            raise InvalidRequestError("The prompt is empty.", param="prompt")
+        prior = params.prior_output.token_ids if params.prior_output is not None else []
+        n, limit = len(prompt_token_ids), self.max_model_len
+        if n + len(prior) >= limit:  # a resumed request's output so far counts as prompt
+            raise ContextLengthError(limit, n + len(prior))
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ContextLengthError(limit, n, params.max_tokens)
+        for param, ids in (("prompt", list(prompt_token_ids) + prior),
+                           ("logit_bias", params.logit_bias),
+                           ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(f"Token id {bad} is outside the vocabulary "
+                                          f"[0, {self.vocab_size}).", param)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, compiled: CompiledGrammar | None = None) -> None:
+        """`compiled`: the request's grammar from `compile_grammar`, when compiled already."""
         if request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already running.")
         self.validate(prompt_token_ids, params)
+        compiled = compiled or self.compile_grammar(params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        if params.json_schema is not None or params.grammar is not None:
-            seq.grammar = self.grammar_compiler.matcher(params.json_schema, params.grammar)
+        if compiled is not None:
+            from workers.engine.grammar import Grammar
+
+            seq.grammar = Grammar(compiled, self.vocab_size)
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
         if params.prior_output is not None:
@@ -118,7 +147,7 @@ class LLMEngine:
         if seq is None:
             return None
         self._finish(seq, "abort")
-        return self._output(seq, [], [], "abort")
+        return request_output(seq, [], [], "abort")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """The request is over: its blocks go back and the engine forgets it."""
@@ -173,8 +202,8 @@ class LLMEngine:
         try:
             self.faults.check([s.request_id for s in batch.seqs])
             forward_start = time.perf_counter()
-            logits = self.runner.execute(batch, prev and prev.sampled and prev.sampled.token_ids,
-                                         prev.rows if prev else None)
+            tokens = prev.sampled.token_ids if prev and prev.sampled else None
+            logits = self.runner.execute(batch, tokens, prev.rows if prev else None)
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
@@ -186,10 +215,12 @@ class LLMEngine:
             log.warning("an overlapped step raised (%r): running it step by step", e,
                         exc_info=True)
             outputs = self._complete(prev) if prev is not None else []
-            live = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                    if not s.finished]
-            return outputs + (self._run(ScheduledBatch(*map(list, zip(*live, strict=True))))
-                              if live else [])
+            live = ScheduledBatch()  # without the requests that step finished
+            for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+                if not seq.finished:
+                    live.seqs.append(seq)
+                    live.num_new_tokens.append(n)
+            return outputs + (self._run(live) if live else [])
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -205,7 +236,9 @@ class LLMEngine:
 
     def _complete(self, step: InFlight) -> list[RequestOutput]:
         """Read a launched step's tokens; requests that ended meanwhile drop theirs."""
-        sampled = step.sampled.resolve() if step.sampled is not None else None
+        if step.sampled is None:
+            return []
+        sampled = step.sampled.resolve()
         outputs = []
         for i, seq in enumerate(step.sampling):
             seq.num_pending -= 1
@@ -264,11 +297,11 @@ class LLMEngine:
             finish = "stop"
         if finish is None and ((params.max_tokens is not None and
                                 seq.num_output_tokens >= params.max_tokens) or
-                               seq.num_tokens >= self.config.max_model_len):
+                               seq.num_tokens >= self.max_model_len):
             finish = "length"
         if finish is not None:
             self._finish(seq, finish)
-        return self._output(seq, [token], [logprob] if logprob is not None else [], finish)
+        return request_output(seq, [token], [logprob] if logprob is not None else [], finish)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         begin = seq.num_computed_tokens  # not yet advanced for this step
@@ -277,29 +310,6 @@ class LLMEngine:
             seq.prompt_logprobs = [None]  # the first token has no context to be predicted from
         seq.prompt_logprobs += self.sampler.token_logprobs(logits, targets,
                                                            seq.params.prompt_logprobs)
-
-    def _output(self, seq: Sequence, tokens: list[int], logprobs: list,
-                finish: str | None) -> RequestOutput:
-        return RequestOutput(
-            request_id=seq.request_id,
-            text=seq.detokenizer.take(finished=finish is not None),
-            token_ids=tokens,
-            logprobs=logprobs if seq.params.logprobs is not None else None,
-            finish_reason=finish,
-            prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=seq.num_output_tokens,
-            cached_tokens=seq.num_cached_tokens,
-            prompt_logprobs=self._take_prompt_logprobs(seq),
-        )
-
-    @staticmethod
-    def _take_prompt_logprobs(seq: Sequence) -> list | None:
-        """Prompt logprobs ride on a request's first output only."""
-        if seq.params.prompt_logprobs is None or seq.num_output_tokens > 1 or \
-                seq.prompt_logprobs is None:
-            return None
-        taken, seq.prompt_logprobs = seq.prompt_logprobs, []
-        return taken or None
 
     def stats(self) -> dict:
         bm = self.block_manager
