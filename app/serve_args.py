@@ -46,6 +46,8 @@ class EngineArgs(BaseModel):
     block_size: int | None = Field(None, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)
     kv_cache_memory_gb: float | None = Field(None, gt=0)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    quantization: Literal["none", "fp8"] | None = None
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
     max_model_len: int | None = Field(None, ge=1)

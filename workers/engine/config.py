@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 DEFAULT_MODEL = os.environ.get("PAGODA_MODEL", "models/smollm2-135m-instruct")
+CPU_KV_CACHE_GB = 1.0
+QUANTIZATIONS = (None, "fp8")
 
 
 @dataclass
@@ -18,7 +20,11 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | cpu | triton | flash
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
+    # None: on CUDA, what gpu_memory_utilization leaves after weights, activations and graphs;
+    # elsewhere CPU_KV_CACHE_GB
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9  # share of the GPU's total memory the engine may hold
+    quantization: str | None = None  # None | fp8: E4M3 linear weights, quantized at load
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -62,6 +68,15 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.quantization == "none":
+            self.quantization = None
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; supported: fp8")
 
     @property
     def world_size(self) -> int:

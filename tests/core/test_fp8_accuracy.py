@@ -1,0 +1,29 @@
+"""FP8 serving quality: the real SmolLM2 with E4M3 weights and activations picks the unquantized
+model's top-1 token almost always (teacher-forced over >= 1,000 positions of real text, prefill
+and decode path; tests/core/top1.py).
+
+On CUDA the reference is bf16, the dtype FP8 replaces there, and the bar is 97%. On CPU both
+run in float32 (FP8's CPU path multiplies the same quantized values, dequantized) and the bar
+is 90%: a 135M-parameter model has many near-ties and E4M3's 3 mantissa bits, on weights and
+on every activation, swap more of them than bf16's 8 bits do; the measured agreement is printed.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from top1 import measure
+
+pytestmark = pytest.mark.slow
+
+ON_GPU = torch.cuda.is_available()
+DTYPE = "bfloat16" if ON_GPU else "float32"
+THRESHOLD = 0.97 if ON_GPU else 0.90
+
+
+def test_fp8_top1_agrees_with_unquantized(model_dir):
+    config = {"model": model_dir, "max_model_len": 2048, "num_kv_blocks": 512, "dtype": DTYPE}
+    agreement = measure(config, {"quantization": "fp8"}, {}, continuation=16)
+    print(f"fp8 vs {DTYPE}: {agreement}")
+    assert agreement.prefill_total >= 1000
+    assert agreement.prefill / agreement.prefill_total >= THRESHOLD, agreement
+    assert agreement.decode / agreement.decode_total >= THRESHOLD, agreement
