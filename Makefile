@@ -32,6 +32,7 @@ test: model
 
 bench: model
 	$(PY) bench/engine.py
+	$(PY) bench/host_overhead.py
 	$(PY) bench/kernel_bench.py
 	$(PY) bench/serve.py
 

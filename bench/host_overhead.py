@@ -1,0 +1,256 @@
+"""The engine's per-step host time, with a model whose forward costs nothing.
+
+The real scheduler, block manager, model runner input preparation, sampler, detokenizer (with
+the real SmolLM2 tokenizer) and output objects run; only the model is a stand-in that returns
+the same hidden rows and fixed logits of the real shape [rows, 49152]. What a step then costs
+is what the host adds around the forward: at a few ms per GPU decode step it sets the pace.
+
+Per scenario (batch 1, 64 and 256 decodes, and 64 decodes with a 2,048-token prefill joining
+every step) it prints the median wall time of one `step()` and a breakdown per phase, taken
+in a second pass with each phase's functions timed (the timers' own cost lands in "other").
+
+    python bench/host_overhead.py                  # this checkout
+    python bench/host_overhead.py --compare main   # also a git ref, same run: before/after
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "models", "smollm2-135m-instruct")
+SCENARIOS = [  # (name, decodes, prefill tokens joining each step, timed steps)
+    ("decode x1", 1, 0, 300),
+    ("decode x64", 64, 0, 120),
+    ("decode x256", 256, 0, 60),
+    ("decode x64 + 2k prefill", 64, 2048, 30),
+]
+PROMPT_LEN = 64
+WARMUP_STEPS = 12
+
+
+def zero_cost_model(vocab_size: int, hidden_size: int, max_rows: int):
+    """A CausalLM stand-in: no layers, no KV, the same logits rows every step (rotated, so the
+    sampled tokens and the text they decode to vary)."""
+    import torch
+    from torch import nn
+
+    class ZeroCostModel(nn.Module):
+        def __init__(self, cfg, backend, ctx=None) -> None:
+            super().__init__()
+            self.cfg = cfg
+            self.stage: list[int] = []  # no layers: the runner allocates no KV cache
+            self.embed_tokens = None
+            self.lm_head = nn.Identity()  # not None: nothing to tie
+            self.register_buffer("rope_cache", torch.zeros(1), persistent=False)
+            gen = torch.Generator().manual_seed(0)
+            self.fixed_logits = torch.randn(2 * max_rows, vocab_size, generator=gen)
+            self.hidden = torch.zeros(1, hidden_size)
+            self.calls = 0
+
+        def forward(self, input_ids, positions, kv_caches, meta, intermediate=None):
+            self.calls += 1
+            return self.hidden.expand(input_ids.shape[0], -1)
+
+        def compute_logits(self, hidden):
+            offset = self.calls % max_rows
+            return self.fixed_logits[offset:offset + hidden.shape[0]]
+
+    return ZeroCostModel
+
+
+def build_engine(max_num_seqs: int, max_batched: int):
+    """An LLMEngine over the stand-in model (patched in where the runner builds its model)."""
+    import workers.engine.model_runner as model_runner
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(model=MODEL, device="cpu", dtype="float32", max_model_len=4096,
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
+                          num_kv_blocks=16384, enable_prefix_caching=True, num_threads=1)
+    hf = config.hf_config
+    model_runner.CausalLM = zero_cost_model(hf["vocab_size"], hf["hidden_size"], max_num_seqs + 8)
+    model_runner.load_weights = lambda model, path: None
+    return LLMEngine(config)
+
+
+def phase_targets(engine) -> dict[str, list[tuple[object, str]]]:
+    """Where each phase's time is spent: (object or class, method name); missing ones skipped."""
+    from workers.engine import detokenizer
+
+    runner = engine.runner
+    return {
+        "schedule": [(engine.scheduler, "schedule")],
+        "prepare": [(runner, "prepare"), (runner, "inputs")],
+        "forward": [(runner.model, "forward"), (runner.model, "compute_logits")],
+        "sample": [(engine.sampler, "__call__")],
+        "detokenize+stop": [(detokenizer.Detokenizer, "add_token")],
+        "outputs": [(engine, "_output")],
+    }
+
+
+def instrument(engine, totals: dict[str, float]) -> None:
+    """Wrap every phase's functions with a timer adding into totals[phase]."""
+    for phase, targets in phase_targets(engine).items():
+        for owner, name in targets:
+            fn = getattr(owner, name, None)
+            if fn is None:
+                continue
+
+            def timed(*args, _fn=fn, _phase=phase, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    totals[_phase] += time.perf_counter() - start
+
+            if name == "__call__":  # looked up on the type, not the instance
+                owner.__class__ = type(owner.__class__.__name__, (owner.__class__,),
+                                       {"__call__": lambda self, *a, _t=timed, **k: _t(*a, **k)})
+            elif isinstance(owner, type):
+                setattr(owner, name, lambda self, *a, _t=timed, **k: _t(self, *a, **k))
+            else:
+                setattr(owner, name, timed)
+
+
+def run_scenario(engine, decodes: int, prefill: int, steps: int, corpus: list[int],
+                 rng: random.Random, totals: dict[str, float]) -> list[float]:
+    """Seconds per timed step, each step's full `step()` (and the stand-in's ~0 forward);
+    totals holds the phase times of the timed steps only."""
+    from workers.engine.sampling_params import SamplingParams
+
+    budget = WARMUP_STEPS + steps + 8
+    params = SamplingParams(temperature=0, max_tokens=budget, ignore_eos=True)
+    for i in range(decodes):
+        start = rng.randrange(0, len(corpus) - PROMPT_LEN)
+        engine.add_request(f"d{i}", corpus[start:start + PROMPT_LEN], params)
+    for _ in range(WARMUP_STEPS):  # every prompt prefilled: from here on, decodes only
+        engine.step()
+    one_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    totals.clear()
+    for s in range(steps):
+        if prefill:  # fresh tokens: no prefix-cache hit
+            engine.add_request(f"p{s}", [rng.randrange(100, 40000) for _ in range(prefill)],
+                               one_token)
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    timed = dict(totals)
+    engine.abort_all()
+    while engine.has_unfinished():
+        engine.step()
+    totals.clear()
+    totals.update(timed)
+    return times
+
+
+def argmax_ms(rows: int, vocab_size: int) -> float:
+    """The one vocabulary-wide kernel greedy sampling cannot avoid: device work (microseconds
+    on a GPU, milliseconds on one CPU thread), charged to no host phase."""
+    import torch
+
+    logits = torch.randn(rows, vocab_size)
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        logits.argmax(dim=-1)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure() -> dict[str, dict[str, float]]:
+    """Per scenario: median ms per step, the host part of it, and ms per step in each phase."""
+    engine = build_engine(max_num_seqs=256, max_batched=4096)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        corpus = engine.tokenizer.encode(f.read())
+    results: dict[str, dict[str, float]] = {}
+    totals: dict[str, float] = defaultdict(float)
+    for name, decodes, prefill, steps in SCENARIOS:
+        times = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0), totals)
+        step = 1e3 * statistics.median(times)
+        kernel = argmax_ms(decodes + (1 if prefill else 0), engine.vocab_size)
+        results[name] = {"step": step, "argmax": kernel, "host": step - kernel}
+    instrument(engine, totals)
+    for name, decodes, prefill, steps in SCENARIOS:
+        times = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0), totals)
+        ms = {phase: 1e3 * t / steps for phase, t in totals.items()}
+        ms["other"] = 1e3 * sum(times) / steps - sum(ms.values())
+        results[name].update(ms)
+    engine.close()
+    return results
+
+
+def measure_ref(ref: str) -> dict[str, dict[str, float]]:
+    """The same measurement on the engine of a git ref, in a checkout of it, in a subprocess."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = os.path.join(tmp, "tree")
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, ref],
+                       check=True, capture_output=True)
+        try:
+            os.symlink(os.path.join(ROOT, "models"), os.path.join(tree, "models"))
+            env = {**os.environ, "PYTHONPATH": tree}
+            out = subprocess.run([sys.executable, __file__, "--json", "--root", tree],
+                                 env=env, check=True, capture_output=True, text=True)
+        finally:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree],
+                           check=False, capture_output=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PHASES = ["schedule", "prepare", "forward", "sample", "detokenize+stop", "outputs", "other"]
+
+
+def table(results: dict, before: dict | None, ref: str) -> str:
+    from bench.results import markdown_table
+
+    headers = ["scenario", "host ms/step"]
+    headers += [f"host ms/step at {ref}", "speed-up"] if before else []
+    headers += ["step ms", "argmax kernel ms"] + [f"{p} ms" for p in PHASES]
+    rows = []
+    for name, r in results.items():
+        row = [name, f"{r['host']:.3f}"]
+        if before:
+            row += [f"{before[name]['host']:.3f}", f"{before[name]['host'] / r['host']:.1f}x"]
+        row += [f"{r['step']:.3f}", f"{r['argmax']:.3f}"]
+        rows.append(row + [f"{r.get(p, 0.0):.3f}" for p in PHASES])
+    return markdown_table(headers, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compare", help="also measure this git ref's engine, same run")
+    parser.add_argument("--json", action="store_true", help="print results as JSON only")
+    parser.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, args.root)
+    results = measure()
+    if args.json:
+        print(json.dumps(results))
+        return
+    before = measure_ref(args.compare) if args.compare else None
+    body = table(results, before, args.compare)
+    print(body)
+    sys.path.insert(0, ROOT)
+    from bench.results import update_section
+
+    update_section("Engine host overhead per step (stand-in model, no forward)", (
+        "`python bench/host_overhead.py" + (f" --compare {args.compare}" if args.compare else "")
+        + "`: one engine step with a model whose forward costs nothing (fixed logits of the "
+        "real [rows, 49152] shape), so every millisecond is host work: scheduling, input "
+        "preparation, sampling, detokenization and stop checks, output objects. Host = median "
+        "step minus the greedy argmax over [rows, 49152] logits (device work, timed alone). "
+        "Phase columns come from a second, instrumented pass (ms per step; `sample` includes "
+        "the argmax; timer cost lands in other). One CPU thread for torch.\n\n" + body))
+
+
+if __name__ == "__main__":
+    main()
