@@ -72,7 +72,7 @@ def test_profile_step_runs_on_a_runner(model_dir):
     config = EngineConfig(model=model_dir, max_model_len=256, num_kv_blocks=64, max_num_seqs=4,
                           max_num_batched_tokens=96, dtype="float32", block_size=16)
     runner = ModelRunner(config)
-    plan, blocks = profile_plan(96, 4, config.max_model_len, config.block_size)
+    plan, blocks = profile_plan(96, 4, config.context_len, config.block_size)
     assert blocks <= config.num_kv_blocks
     logits = runner.run(plan)
     assert logits.sample.shape == (4, runner.model_config.vocab_size)

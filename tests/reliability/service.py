@@ -25,11 +25,14 @@ def reliability_config() -> dict:
     # in bf16 a re-prefill and the decodes it replaces can round a near-tie apart
     args["engine"].update(num_threads=1, max_num_seqs=32, fault_marker=FAULT_MARKER,
                           dtype="float32")
+    for autoscaling in ("min_replicas", "max_replicas", "initial_replicas"):
+        args["replicas"].pop(autoscaling, None)
     args["replicas"].update(
-        min_replicas=NUM_REPLICAS, max_replicas=NUM_REPLICAS, initial_replicas=NUM_REPLICAS,
-        target_ongoing_requests=16, max_ongoing_requests=MAX_ONGOING, max_queued_requests=64,
+        num_replicas=NUM_REPLICAS, target_ongoing_requests=16, max_ongoing_requests=MAX_ONGOING, max_queued_requests=64,
         graceful_shutdown_timeout_s=5, health_check_period_s=2)
     args["api"] = {"max_n": MAX_N}
+    # the drain test changes the replica count through the controller, as an external scaler
+    config["applications"][0]["external_scaler_enabled"] = True
     config["logging_config"]["log_level"] = "WARNING"
     return config
 

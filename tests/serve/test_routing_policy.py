@@ -140,8 +140,8 @@ def replicas(*names: str) -> list[Replica]:
             for n in names]
 
 
-def pending(tokens: list[int]) -> PendingRequest:
-    meta = RequestMetadata(request_id="r", internal_request_id="r")
+def pending(tokens: list[int], request_id: str = "r") -> PendingRequest:
+    meta = RequestMetadata(request_id=request_id, internal_request_id=request_id)
     return PendingRequest(args=[tokens, None, "r"], kwargs={}, metadata=meta)
 
 
@@ -168,6 +168,27 @@ async def test_router_follows_prefix_then_load_and_counts_its_own_routes():
     for _ in range(3):  # routes the snapshot cannot show yet push b above a
         routed(router, "b", [1, 2, 3])
     assert await choose(router, ["a", "b"], [1, 2, 3]) == ["a", "b"]
+
+
+async def test_a_burst_of_choices_spreads_before_any_request_is_routed():
+    router = make_router()
+    router.apply(snapshot(LoadTracker(), {"a": (0, HASHES), "b": (0, [])}))
+    firsts = [(await router.choose_replicas(replicas("a", "b"), pending([7, i], f"x{i}")))[0][0]
+              for i in range(8)]
+    assert sorted(r.replica_id.unique_id for r in firsts) == ["a"] * 4 + ["b"] * 4
+    # the prefix owner takes a burst only up to the overload margin, then the idler one
+    owners = [(await router.choose_replicas(replicas("a", "b"), pending(PROMPT, f"p{i}")))[0][0]
+              for i in range(24)]
+    on_a = sum(r.replica_id.unique_id == "a" for r in owners)
+    assert 8 < on_a < 24, on_a
+    # routing where it was steered moves no count; routing elsewhere moves it
+    counts = dict(router.routed_since_report)
+    router.on_request_routed(pending([7, 0], "x0"), firsts[0].replica_id, None)
+    assert dict(router.routed_since_report) == counts
+    other = "b" if firsts[1].replica_id.unique_id == "a" else "a"
+    router.on_request_routed(pending([7, 1], "x1"), replicas(other)[0].replica_id, None)
+    assert router.routed_since_report[other] == counts[other] + 1
+    assert sum(router.routed_since_report.values()) == sum(counts.values())
 
 
 async def test_router_remembers_prompts_it_routed_until_the_next_report():
@@ -207,4 +228,4 @@ def test_the_replica_client_is_an_engine_client():
     from workers.router.replica_client import ReplicaClient
 
     handle = type("Handle", (), {"options": lambda self, **kw: self})()
-    assert isinstance(ReplicaClient(handle, None, None), EngineClient)
+    assert isinstance(ReplicaClient(handle, None, None, None, 3), EngineClient)

@@ -69,14 +69,13 @@ class CudaGraphRunner:
         self.replays = 0  # decode steps run from a graph
         self.pool_bytes = 0  # device memory the captured graphs took
         # the static inputs exist on every device, so the padding is checked without a GPU
-        n, width = shape.max_num_seqs, shape.max_blocks_per_seq
-        kw = {"device": self.device}
-        self.input_ids = torch.zeros(n, dtype=torch.int64, **kw)
-        self.positions = torch.zeros(n, dtype=torch.int64, **kw)
-        self.slot_mapping = torch.full((n,), pad_slot, dtype=torch.int64, **kw)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, **kw)
-        self.block_tables = torch.zeros(n, width, dtype=torch.int32, **kw)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, **kw)
+        n, width, dev = shape.max_num_seqs, shape.max_blocks_per_seq, self.device
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), pad_slot, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
 
     def capture(self) -> None:
         """Captures every bucket, largest first so the smaller ones reuse its memory pool."""

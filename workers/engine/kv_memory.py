@@ -97,7 +97,7 @@ def blocks_from_free_memory(runner, block_bytes: int, graphs: bool) -> tuple[int
     smallest block count."""
     c, dev = runner.config, runner.device
     plan, runner.num_blocks = profile_plan(c.max_num_batched_tokens, c.max_num_seqs,
-                                           c.max_model_len, c.block_size)
+                                           c.context_len, c.block_size)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)

@@ -85,7 +85,7 @@ class ModelRunner:
         if packing_supported(self.device, self.dtype):
             pack_linears(self.model)
             if self.model.lm_head is None:  # tied embeddings: pack a copy for the logits
-                self.model.lm_head = PackedLinear(self.model.embed_tokens.weight)
+                self.model.lm_head = PackedLinear(self.model.head_weight)
         self.last_prepare_time = 0.0  # seconds spent flattening the last batch
         self.last_handoff_time = 0.0  # seconds spent handing the last plan to the other ranks
         self.broken = False  # a step across ranks failed: the group cannot be used again
@@ -96,7 +96,7 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv()
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches,
-            GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.max_model_len),
+            GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.context_len),
             self.device, enabled=graphs)
         self.graphs.capture()
 
@@ -121,13 +121,13 @@ class ModelRunner:
         c = self.model_config
         shape = (2, self.num_blocks, self.config.block_size, c.layout(self.ctx).kv_heads,
                  c.head_dim)
-        return [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device).unbind(0))
-                for _ in self.model.stage]
+        kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.stage]
+        return [(t[0], t[1]) for t in kv]
 
     def _gather_weight_bytes(self) -> list[int]:
         if self.ctx.world_size == 1:
             return [self.weight_bytes]
-        out = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
+        out: list[int] | None = [0] * self.ctx.world_size if self.ctx.rank == 0 else None
         dist.gather_object(self.weight_bytes, out, dst=0, group=self.ctx.cpu_group)
         return out or []
 
@@ -186,15 +186,20 @@ class ModelRunner:
         plan = self.prepare(batch)
         self.last_prepare_time = time.perf_counter() - start
         if self.ctx.world_size == 1:
-            return self.run(plan)
+            return self._run_driver(plan)
         try:  # a rank that fails mid-step leaves the group out of step: the replica is done
             send_plan(plan, self.ctx)
             self.last_handoff_time = time.perf_counter() - start - self.last_prepare_time
-            return self.run(plan)
+            return self._run_driver(plan)
         except Exception as e:
             self.broken = True
             raise WorkerGroupError(f"a step across {self.ctx.world_size} ranks failed: "
                                    f"{e}") from e
+
+    def _run_driver(self, plan: StepPlan) -> StepLogits:
+        logits = self.run(plan)
+        assert logits is not None, "rank 0 ends every step holding the logits"
+        return logits
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepLogits | None:
@@ -225,12 +230,15 @@ class ModelRunner:
         sample = self._compute_logits(hidden[rows]) if rows else None
         prompt = {i: self._compute_logits(hidden[first:first + count])
                   for i, first, count in plan.prompt_rows}
+        if self.ctx.tp_rank != 0:  # the other tensor ranks only joined the vocabulary gathers
+            return None
+        step = StepLogits(sample, {i: p for i, p in prompt.items() if p is not None})
         if self.ctx.rank == 0:
-            return StepLogits(sample, prompt)
-        if self.ctx.tp_rank == 0:  # last stage of a pipeline: the driver samples
-            parts = ([sample] if sample is not None else []) + list(prompt.values())
-            if parts:
-                dist.send(torch.cat(parts), 0, group=self.ctx.device_group)
+            return step
+        # last stage of a pipeline: the driver samples
+        parts = ([sample] if sample is not None else []) + list(step.prompt.values())
+        if parts:
+            dist.send(torch.cat(parts), 0, group=self.ctx.device_group)
         return None
 
     def _receive_logits(self, plan: StepPlan) -> StepLogits:
@@ -259,15 +267,14 @@ class ModelRunner:
             finally:
                 destroy_parallel(self.ctx)
 
-    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.model.compute_logits(hidden)
         # tensor-parallel ranks hold a vocabulary shard (None past the gather on rank > 0)
-        if self.ctx.world_size > 1 or logits.dtype == torch.float32:
+        if logits is None or self.ctx.world_size > 1 or logits.dtype == torch.float32:
             return logits
         # bf16 keeps 8 bits of mantissa: logits near 20 round to steps of 0.125, enough to
         # swap the top two tokens. The top candidates are recomputed exactly in fp32.
-        head = self.model.lm_head
-        weight = self.model.embed_tokens.weight if head is None else head.weight
+        weight = self.model.head_weight
         top = logits.topk(min(EXACT_TOP_LOGITS, logits.shape[-1]), dim=-1).indices
         exact = torch.einsum("rd,rkd->rk", hidden.float(), weight[top].float())
         return logits.float().scatter_(1, top, exact)

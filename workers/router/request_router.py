@@ -14,6 +14,7 @@ import logging
 import time
 from collections import defaultdict
 
+from ray.actor import ActorHandle
 from ray.exceptions import RayError
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -28,6 +29,7 @@ from workers.tracker.load_tracker import Snapshot, find_tracker
 
 logger = logging.getLogger("ray.serve")
 MAX_EXPECTED_HASHES = 65536
+MAX_STEERED = 4096
 
 
 def prompt_token_ids_of(request: PendingRequest | None) -> list[int]:
@@ -54,11 +56,14 @@ class PagodaRequestRouter(RequestRouter):
         self.reported_at: dict[str, float] = {}
         self.block_sizes: dict[str, int] = {}
         self.routed_since_report: defaultdict[str, int] = defaultdict(int)
+        # request -> replica it was steered to; counted at once, so that a burst of choices
+        # made before any is routed sees the earlier ones instead of herding onto one replica
+        self.steered: dict[str, str] = {}
         # prompts this router sent, counted as cached until the replica's next hash report
         self.expected_hashes: defaultdict[str, set[int]] = defaultdict(set)
         self.snapshot_at = 0.0  # monotonic time of the last successful refresh
         self.refresher: asyncio.Task | None = None
-        self.tracker = None
+        self.tracker: ActorHandle | None = None
 
     # refresh
 
@@ -80,7 +85,7 @@ class PagodaRequestRouter(RequestRouter):
             self.tracker = await asyncio.get_running_loop().run_in_executor(None, find_tracker)
             if self.tracker is None:
                 return
-        snapshot = await asyncio.wait_for(
+        snapshot: Snapshot = await asyncio.wait_for(
             self.tracker.snapshot.remote(dict(self.hash_versions)),
             timeout=self.policy.snapshot_max_age_s)
         self.apply(snapshot)
@@ -132,6 +137,8 @@ class PagodaRequestRouter(RequestRouter):
         tokens = prompt_token_ids_of(pending_request)
         ranked = rank_replicas(list(by_id), self.current_views(),
                                self.prompt_hashes(tokens, list(by_id)), self.policy)
+        if pending_request is not None and ranked:
+            self.steer(pending_request.metadata.internal_request_id, ranked[0])
         # one replica per rank: Serve tries them in order, skipping replicas that are full
         return [[by_id[rid]] for rid in ranked]
 
@@ -153,9 +160,22 @@ class PagodaRequestRouter(RequestRouter):
             return []
         return compute_block_hashes(token_ids, sizes[0])
 
+    def steer(self, request: str, rid: str) -> None:
+        self.unsteer(request)
+        if len(self.steered) > MAX_STEERED:  # requests cancelled before they were routed
+            self.steered.clear()
+        self.steered[request] = rid
+        self.routed_since_report[rid] += 1
+
+    def unsteer(self, request: str) -> None:
+        rid = self.steered.pop(request, None)
+        if rid is not None and self.routed_since_report.get(rid, 0) > 0:
+            self.routed_since_report[rid] -= 1
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result) -> None:
         rid = replica_id.unique_id
+        self.unsteer(pending_request.metadata.internal_request_id)
         self.routed_since_report[rid] += 1
         hashes = self.prompt_hashes(prompt_token_ids_of(pending_request), [rid])
         if hashes:
