@@ -68,7 +68,11 @@ def profile_plan(num_tokens: int, num_seqs: int, max_model_len: int,
     num_seqs = max(1, min(num_seqs, num_tokens))
     lengths = [min(max_model_len, num_tokens // num_seqs + (i < num_tokens % num_seqs))
                for i in range(num_seqs)]
-    input_ids, positions, slots, starts, tables = [], [], [], [0], []
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
+    tables: list[list[int]] = []
     next_block = 0
     for n in lengths:
         blocks = list(range(next_block, next_block + -(-n // block_size)))
