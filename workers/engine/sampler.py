@@ -31,9 +31,26 @@ class SampledTokens:
     token_ids: torch.Tensor  # [rows] int64
     raw_logprobs: torch.Tensor | None  # [rows, vocab] when any row wants logprobs
     want_logprobs: list[int | None]
+    host: torch.Tensor | None = None  # pinned copy of token_ids, on a GPU
+    copied: torch.cuda.Event | None = None
+
+    def __post_init__(self) -> None:
+        # Copied now, behind this step only: reading them later must not also wait for the
+        # next step, queued on the same stream by then.
+        if self.token_ids.is_cuda:
+            self.host = torch.empty(self.token_ids.shape, dtype=self.token_ids.dtype,
+                                    pin_memory=True)
+            self.host.copy_(self.token_ids, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     def resolve(self) -> SamplerOutput:
-        tokens = self.token_ids.tolist()  # the host waits for the device here
+        """The tokens on the host; waits for the device to sample them."""
+        if self.host is not None and self.copied is not None:
+            self.copied.synchronize()
+            tokens = self.host.tolist()
+        else:
+            tokens = self.token_ids.tolist()
         return SamplerOutput(tokens, logprobs_of(self.raw_logprobs, tokens, self.want_logprobs))
 
 
