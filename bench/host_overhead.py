@@ -85,16 +85,17 @@ def build_engine(max_num_seqs: int, max_batched: int, overlap: bool):
 
 def phase_targets(engine) -> dict[str, list[tuple[object, str]]]:
     """Where each phase's time is spent: (object or class, method name); missing ones skipped."""
-    from workers.engine import detokenizer
+    from workers.engine import detokenizer, llm_engine
 
     runner = engine.runner
     return {
         "schedule": [(engine.scheduler, "schedule")],
         "prepare": [(runner, "prepare"), (runner, "inputs")],
         "forward": [(runner.model, "forward"), (runner.model, "compute_logits")],
-        "sample": [(engine.sampler, "__call__")],
+        # the sampler's device-side half where it has one (overlapped steps call only that)
+        "sample": [(engine.sampler, "sample" if hasattr(engine.sampler, "sample") else "__call__")],
         "detokenize+stop": [(detokenizer.Detokenizer, "add_token")],
-        "outputs": [(engine, "_output")],
+        "outputs": [(engine, "_output"), (llm_engine, "request_output")],
     }
 
 
