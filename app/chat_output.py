@@ -85,10 +85,10 @@ class ChoiceOutput:
         tool_parser = self.parsers.tool_parser()
         if tool_parser is None:
             return reasoning, content, []
-        content, parsed = parse_whole(tool_parser, content)
+        rest, parsed = parse_whole(tool_parser, content)
         calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
                  for c in parsed]
-        return reasoning, content, calls
+        return reasoning, rest, calls
 
     def openai_finish_reason(self, has_calls: bool) -> str:
         reason = self.finish_reason or "abort"

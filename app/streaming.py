@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi.responses import StreamingResponse
@@ -35,7 +35,7 @@ def event(payload: BaseModel | dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def sse_body(events: AsyncIterator[str], raw: Request, retry_after_s: float,
+async def sse_body(events: AsyncGenerator[str, None], raw: Request, retry_after_s: int,
                    on_end: Callable[[], None], done: str = DONE) -> AsyncIterator[str]:
     """The frame of every stream: its events, then `done` (`[DONE]`, or nothing where the
     events end themselves); an error once streaming has begun goes out as an error event before
@@ -60,7 +60,7 @@ class EventStream(StreamingResponse):
     """An SSE response that runs `on_close` however it ends, even when the client left
     before the first byte and the body was never iterated."""
 
-    def __init__(self, body: object, on_close: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, body: AsyncIterable[str], on_close: Callable[[], Awaitable[None]]) -> None:
         super().__init__(body, media_type=MEDIA_TYPE, headers=HEADERS)
         self.on_close = on_close
 

@@ -12,13 +12,14 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None = None,
     """Inverse frequencies [head_dim // 2] in fp32, scaled as the checkpoint asks."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
                               .float() / head_dim)
-    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    scaling = rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq
     if kind == "linear":
-        return inv_freq / float(rope_scaling["factor"])
+        return inv_freq / float(scaling["factor"])
     if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, rope_scaling)
+        return _llama3_inv_freq(inv_freq, scaling)
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 

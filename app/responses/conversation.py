@@ -32,7 +32,7 @@ from app.responses.protocol import (
 )
 
 TEXT_PARTS = {"input_text", "output_text", "text"}
-ITEMS = TypeAdapter(list[InputItem])
+ITEMS: TypeAdapter[list[InputItem]] = TypeAdapter(list[InputItem])
 
 
 def request_items(request: ResponsesRequest) -> list[dict]:

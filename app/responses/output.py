@@ -40,7 +40,7 @@ class OutputBuilder:
         """Close the last item; an output with no item at all is one (maybe empty) message."""
         events = [] if self.items else self.start(OutputMessage())
         if isinstance(self.current, OutputMessage) and self.held:
-            events += self.text_delta(self.held)
+            events += self.text_delta(self.current, self.held)
         self.held = ""
         return events + self.close(status)
 
@@ -50,25 +50,28 @@ class OutputBuilder:
 
     def text(self, text: str) -> list[Event]:
         if isinstance(self.current, OutputMessage):
-            return self.text_delta(text)
+            return self.text_delta(self.current, text)
         if text.isspace():
             self.held += text
             return []
-        events = self.close("completed") + self.start(OutputMessage())
+        message = OutputMessage()
+        events = self.close("completed") + self.start(message)
         text, self.held = self.held + text, ""
-        return events + self.text_delta(text)
+        return events + self.text_delta(message, text)
 
-    def text_delta(self, text: str) -> list[Event]:
-        self.current.content[0].text += text
+    def text_delta(self, message: OutputMessage, text: str) -> list[Event]:
+        message.content[0].text += text
         return [{"type": "response.output_text.delta", **self.where(), "content_index": 0,
                  "delta": text, "logprobs": []}]
 
     def reasoning(self, text: str) -> list[Event]:
         events: list[Event] = []
-        if not isinstance(self.current, OutputReasoning):
+        item = self.current
+        if not isinstance(item, OutputReasoning):
             self.held = ""
-            events += self.close("completed") + self.start(OutputReasoning())
-        self.current.content[0].text += text
+            item = OutputReasoning()
+            events += self.close("completed") + self.start(item)
+        item.content[0].text += text
         return events + [{"type": "response.reasoning_text.delta", **self.where(),
                           "content_index": 0, "delta": text}]
 
@@ -79,29 +82,35 @@ class OutputBuilder:
                 self.calls[delta.index] = None  # one call only: later ones are dropped
                 return []
             self.held = ""
+            assert delta.id is not None and function is not None and function.name is not None, \
+                "a call's first delta names it"
             item = OutputFunctionCall(call_id=delta.id, name=function.name)
             self.calls[delta.index] = item
             return self.close("completed") + self.start(item)
-        item = self.calls[delta.index]
-        if item is None or not function or not function.arguments:
+        call = self.calls[delta.index]
+        if call is None or not function or not function.arguments:
             return []
-        item.arguments += function.arguments
+        call.arguments += function.arguments
         return [{"type": "response.function_call_arguments.delta", **self.where(),
                  "delta": function.arguments}]
 
     def where(self) -> dict:
+        assert self.current is not None, "deltas go to an open item"
         return {"item_id": self.current.id, "output_index": self.index}
 
     def start(self, item: OutputItem) -> list[Event]:
         self.items.append(item)
         self.current = item
-        events = [{"type": "response.output_item.added", "output_index": self.index,
-                   "item": item.model_dump(mode="json")}]
-        part = {OutputMessage: OutputText, OutputReasoning: ReasoningText}.get(type(item))
-        if part is not None:
-            item.content.append(part())
-            events.append({"type": "response.content_part.added", **self.where(),
-                           "content_index": 0, "part": part().model_dump(mode="json")})
+        events: list[Event] = [{"type": "response.output_item.added", "output_index": self.index,
+                                "item": item.model_dump(mode="json")}]
+        if isinstance(item, OutputMessage):
+            item.content.append(OutputText())
+        elif isinstance(item, OutputReasoning):
+            item.content.append(ReasoningText())
+        else:
+            return events
+        events.append({"type": "response.content_part.added", **self.where(),
+                       "content_index": 0, "part": item.content[0].model_dump(mode="json")})
         return events
 
     def close(self, status: Status) -> list[Event]:

@@ -58,6 +58,8 @@ class TorchBackend:
         decodes = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
         if decodes:
             lens = [meta.seq_lens_cpu[i] for i in decodes]
+            rows: slice | torch.Tensor
+            seqs: slice | torch.Tensor
             if decodes[-1] == len(decodes) - 1:  # decodes lead the batch: plain slices
                 rows = seqs = slice(0, len(decodes))
             else:

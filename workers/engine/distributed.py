@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 # a worker waits for its next step plan as long as the replica is idle
 PLAN_TIMEOUT = datetime.timedelta(days=7)
@@ -23,9 +27,9 @@ class ParallelContext:
     tp_size: int = 1
     pp_size: int = 1
     rank: int = 0
-    tp_group: object = field(default=None, repr=False)
-    device_group: object = field(default=None, repr=False)
-    cpu_group: object = field(default=None, repr=False)
+    tp_group: ProcessGroup | None = field(default=None, repr=False)
+    device_group: ProcessGroup | None = field(default=None, repr=False)
+    cpu_group: ProcessGroup | None = field(default=None, repr=False)
 
     @property
     def world_size(self) -> int:

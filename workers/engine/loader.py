@@ -99,7 +99,7 @@ def load_weights(model: CausalLM, folder: str) -> None:
                     if name not in params:
                         raise KeyError(f"unexpected weight {hf_name} in {path}")
                     tensor = read_shard(f, hf_name, name, part, model)
-                    param = params[name]
+                    param: torch.Tensor = params[name]
                     if part is not None:
                         start = offsets[next(k for k in offsets if k in name)][part]
                         param = param[start:start + tensor.shape[0]]

@@ -15,6 +15,7 @@ from torch import nn
 from kernels.rope_cache import build_rope_cache
 from workers.engine.attention import AttentionMetadata
 from workers.engine.distributed import ParallelContext, stage_layers
+from workers.engine.packed_linear import PackedLinear
 from workers.engine.parallel_layers import ShardLayout, VocabParallelEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -142,7 +143,8 @@ class CausalLM(nn.Module):
                 if ctx.tp_size == 1 else VocabParallelEmbedding(shard, cfg.hidden_size, ctx)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ctx) for i in self.stage})
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size)) if ctx.is_last_stage else None
-        self.lm_head = None  # tied and on the embedding's stage: the logits reuse its weight
+        # None: tied and on the embedding's stage, the logits reuse its weight
+        self.lm_head: nn.Linear | PackedLinear | None = None
         if ctx.is_last_stage and (not cfg.tie_word_embeddings or self.embed_tokens is None):
             self.lm_head = nn.Linear(cfg.hidden_size, shard.vocab, bias=False)
         self.register_buffer("rope_cache", build_rope_cache(
@@ -156,6 +158,7 @@ class CausalLM(nn.Module):
         """Hidden states after the final norm on the last stage; on earlier stages the
         (hidden, residual) pair the next stage continues from."""
         if intermediate is None:
+            assert self.embed_tokens is not None, "only the first stage starts from token ids"
             x, residual = self.embed_tokens(input_ids), None
         else:
             x, residual = intermediate
@@ -167,13 +170,18 @@ class CausalLM(nn.Module):
         x, _ = self.backend.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
         return x
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight: its own, or the embedding's when they are tied."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        assert self.embed_tokens is not None, "a tied head shares the embedding's stage"
+        return self.embed_tokens.weight
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on tensor rank 0 of the last stage; None on other ranks."""
-        if self.lm_head is None:
-            local = hidden @ self.embed_tokens.weight.t()
-        else:
-            local = self.lm_head(hidden)
+        local = self.lm_head(hidden) if self.lm_head is not None else hidden @ self.head_weight.t()
         if self.ctx.tp_size == 1:
             return local
         logits = self.ctx.gather_vocab(local)

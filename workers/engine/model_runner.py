@@ -26,6 +26,8 @@ from workers.engine.distributed import (
 )
 from workers.engine.dtype import choose_dtype
 from workers.engine.errors import WorkerGroupError
+from workers.engine.fp8 import quantize_linears
+from workers.engine.kv_memory import blocks_from_free_memory, configured_blocks, log_choice
 from workers.engine.loader import load_weights
 from workers.engine.model import CausalLM, ModelConfig
 from workers.engine.packed_linear import PackedLinear, pack_linears, packing_supported
@@ -76,22 +78,26 @@ class ModelRunner:
         load_weights(model, config.model)
         self.model = model.to(self.dtype).eval()
         self.model.rope_cache = self.model.rope_cache.float()
+        if config.quantization == "fp8":
+            log.info("fp8: %d linear layers quantized to E4M3", quantize_linears(self.model))
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.rank_weight_bytes = self._gather_weight_bytes()
         if packing_supported(self.device, self.dtype):
             pack_linears(self.model)
             if self.model.lm_head is None:  # tied embeddings: pack a copy for the logits
-                self.model.lm_head = PackedLinear(self.model.embed_tokens.weight)
-        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
-        self.kv_caches = self._allocate_kv()
+                self.model.lm_head = PackedLinear(self.model.head_weight)
         self.last_prepare_time = 0.0  # seconds spent flattening the last batch
         self.last_handoff_time = 0.0  # seconds spent handing the last plan to the other ranks
         self.broken = False  # a step across ranks failed: the group cannot be used again
+        graphs = config.cuda_graphs and self.backend.name != "torch" and self.ctx.pp_size == 1
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: CudaGraphRunner | None = None  # captured once the KV cache exists
+        self.num_blocks = self._size_kv_cache(graphs)
+        self.kv_caches = self._allocate_kv()
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches,
-            GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.max_model_len),
-            self.device, enabled=config.cuda_graphs and self.backend.name != "torch"
-            and self.ctx.pp_size == 1)
+            GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.context_len),
+            self.device, enabled=graphs)
         self.graphs.capture()
 
     @property
@@ -102,21 +108,26 @@ class ModelRunner:
         kv_heads = c.layout(ctx).kv_heads
         return 2 * layers * kv_heads * c.head_dim * self.dtype.itemsize
 
-    def _blocks_for_budget(self) -> int:
-        per_block = self.kv_bytes_per_token * self.config.block_size
-        return max(1, int(self.config.kv_cache_memory_gb * 2**30 // per_block))
+    def _size_kv_cache(self, graphs: bool) -> int:
+        block_bytes = self.kv_bytes_per_token * self.config.block_size
+        blocks = configured_blocks(self.config, block_bytes, self.device.type == "cuda")
+        how = "configured"
+        if blocks is None:
+            blocks, how = blocks_from_free_memory(self, block_bytes, graphs)
+        log_choice(blocks, self.config.block_size, block_bytes, how)
+        return blocks
 
     def _allocate_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
         shape = (2, self.num_blocks, self.config.block_size, c.layout(self.ctx).kv_heads,
                  c.head_dim)
-        return [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device).unbind(0))
-                for _ in self.model.stage]
+        kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.stage]
+        return [(t[0], t[1]) for t in kv]
 
     def _gather_weight_bytes(self) -> list[int]:
         if self.ctx.world_size == 1:
             return [self.weight_bytes]
-        out = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
+        out: list[int] | None = [0] * self.ctx.world_size if self.ctx.rank == 0 else None
         dist.gather_object(self.weight_bytes, out, dst=0, group=self.ctx.cpu_group)
         return out or []
 
@@ -175,21 +186,26 @@ class ModelRunner:
         plan = self.prepare(batch)
         self.last_prepare_time = time.perf_counter() - start
         if self.ctx.world_size == 1:
-            return self.run(plan)
+            return self._run_driver(plan)
         try:  # a rank that fails mid-step leaves the group out of step: the replica is done
             send_plan(plan, self.ctx)
             self.last_handoff_time = time.perf_counter() - start - self.last_prepare_time
-            return self.run(plan)
+            return self._run_driver(plan)
         except Exception as e:
             self.broken = True
             raise WorkerGroupError(f"a step across {self.ctx.world_size} ranks failed: "
                                    f"{e}") from e
 
+    def _run_driver(self, plan: StepPlan) -> StepLogits:
+        logits = self.run(plan)
+        assert logits is not None, "rank 0 ends every step holding the logits"
+        return logits
+
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepLogits | None:
         """This rank's part of one step; the logits on the driver, None on other ranks."""
         input_ids, positions, meta = self.inputs(plan)
-        if self.graphs.can_run(meta):
+        if self.graphs is not None and self.graphs.can_run(meta):
             return self._logits(self.graphs.run(input_ids, positions, meta), plan)
         # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would
         # leak into the caller's other float code, so it is on only while the forward runs.
@@ -214,12 +230,15 @@ class ModelRunner:
         sample = self._compute_logits(hidden[rows]) if rows else None
         prompt = {i: self._compute_logits(hidden[first:first + count])
                   for i, first, count in plan.prompt_rows}
+        if self.ctx.tp_rank != 0:  # the other tensor ranks only joined the vocabulary gathers
+            return None
+        step = StepLogits(sample, {i: p for i, p in prompt.items() if p is not None})
         if self.ctx.rank == 0:
-            return StepLogits(sample, prompt)
-        if self.ctx.tp_rank == 0:  # last stage of a pipeline: the driver samples
-            parts = ([sample] if sample is not None else []) + list(prompt.values())
-            if parts:
-                dist.send(torch.cat(parts), 0, group=self.ctx.device_group)
+            return step
+        # last stage of a pipeline: the driver samples
+        parts = ([sample] if sample is not None else []) + list(step.prompt.values())
+        if parts:
+            dist.send(torch.cat(parts), 0, group=self.ctx.device_group)
         return None
 
     def _receive_logits(self, plan: StepPlan) -> StepLogits:
@@ -248,15 +267,14 @@ class ModelRunner:
             finally:
                 destroy_parallel(self.ctx)
 
-    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.model.compute_logits(hidden)
         # tensor-parallel ranks hold a vocabulary shard (None past the gather on rank > 0)
-        if self.ctx.world_size > 1 or logits.dtype == torch.float32:
+        if logits is None or self.ctx.world_size > 1 or logits.dtype == torch.float32:
             return logits
         # bf16 keeps 8 bits of mantissa: logits near 20 round to steps of 0.125, enough to
         # swap the top two tokens. The top candidates are recomputed exactly in fp32.
-        head = self.model.lm_head
-        weight = self.model.embed_tokens.weight if head is None else head.weight
+        weight = self.model.head_weight
         top = logits.topk(min(EXACT_TOP_LOGITS, logits.shape[-1]), dim=-1).indices
         exact = torch.einsum("rd,rkd->rk", hidden.float(), weight[top].float())
         return logits.float().scatter_(1, top, exact)

@@ -39,10 +39,14 @@ class Sampler:
         return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, want_logprobs))
 
     def _apply_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        rows, cols, vals = [], [], []
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
         for i, s in enumerate(seqs):
             for token, bias in s.params.logit_bias.items():
-                rows.append(i), cols.append(token), vals.append(bias)
+                rows.append(i)
+                cols.append(token)
+                vals.append(bias)
         if rows:
             logits[rows, cols] += torch.tensor(vals, device=logits.device)
 
@@ -124,22 +128,24 @@ class Sampler:
                        top_n: int) -> list[TokenLogprob]:
         """Logprobs of given tokens (row i scored against targets[i]) with top_n alternatives."""
         raw = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
-        return self._logprobs(raw, targets, [top_n] * len(targets))
+        return self._score(raw, targets, [top_n] * len(targets))
 
     def _logprobs(self, raw: torch.Tensor | None, tokens: list[int],
                   want: list[int | None]) -> list[TokenLogprob | None]:
         if raw is None:
             return [None] * len(tokens)
-        k = max(w or 0 for w in want)
-        top_vals, top_ids = raw.topk(k, dim=-1) if k else (None, None)
+        scored = self._score(raw, tokens, [w or 0 for w in want])
+        return [lp if w is not None else None for lp, w in zip(scored, want, strict=True)]
+
+    def _score(self, raw: torch.Tensor, tokens: list[int], top_n: list[int]) -> list[TokenLogprob]:
+        """Each row's chosen-token logprob and its top_n[i] alternatives."""
         chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1)
-        chosen = chosen.tolist()
-        result: list[TokenLogprob | None] = []
-        for i, w in enumerate(want):
-            if w is None:
-                result.append(None)
-                continue
-            top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist(),
-                           strict=True)) if w else []
-            result.append((tokens[i], chosen[i], top))
-        return result
+        chosen_list: list[float] = chosen.tolist()
+        k = max(top_n, default=0)
+        top_ids: list[list[int]] = [[] for _ in tokens]
+        top_vals: list[list[float]] = [[] for _ in tokens]
+        if k:
+            vals, ids = raw.topk(k, dim=-1)
+            top_ids, top_vals = ids.tolist(), vals.tolist()
+        return [(token, lp, list(zip(top_ids[i][:n], top_vals[i][:n], strict=True)))
+                for i, (token, lp, n) in enumerate(zip(tokens, chosen_list, top_n, strict=True))]

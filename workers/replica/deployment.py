@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ray import serve
 
@@ -25,11 +25,11 @@ from workers.replica.metrics import ReplicaMetrics
 
 @serve.deployment(name="ModelReplica")  # options and router: ReplicaArgs, in app/serve_app.py
 class ModelReplica:
-    async def __init__(self, engine_config: dict, report_interval_s: float) -> None:
+    # Serve awaits an async constructor; mypy only knows synchronous ones
+    async def __init__(self, config: EngineConfig, report_interval_s: float) -> None:  # type: ignore[misc]
         from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
         from workers.replica.worker_actor import RayWorkers
 
-        config = EngineConfig(**engine_config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # split over devices, this actor is rank 0 and the other ranks are its worker actors
         self.engine = AsyncLLMEngine(
@@ -39,7 +39,7 @@ class ModelReplica:
             "engine: dtype %s (%s), attention backend %s, threads %s",
             str(runner.dtype).removeprefix("torch."), runner.dtype_reason, runner.backend.name,
             config.num_threads or "all cores")
-        self.metrics = ReplicaMetrics(model=config.served_model_name, replica=self.replica_id)
+        self.metrics = ReplicaMetrics(model=config.model_name, replica=self.replica_id)
         self.num_requests = 0
         self.reporter = LoadReporter(self.replica_id, config.block_size, self.read_stats,
                                      interval_s=report_interval_s)
@@ -53,7 +53,7 @@ class ModelReplica:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, arrival_time: float | None = None,
                        avoid_replicas: list[str] | None = None,
-                       ) -> AsyncIterator[RequestOutput]:
+                       ) -> AsyncGenerator[RequestOutput, None]:
         """Streams the engine's deltas; the last one carries finish_reason.
 
         `avoid_replicas` is read by the request router (a resumed request shuns the replicas

@@ -5,6 +5,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from ray.actor import ActorHandle
 from ray.exceptions import RayError
 
 from workers.tracker.load_tracker import ReplicaLoad, get_or_create_tracker
@@ -26,7 +27,7 @@ class LoadReporter:
         self.read_stats = read_stats
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self.tracker = None
+        self.tracker: ActorHandle | None = None
         self.hashes: frozenset[int] = frozenset()
         self.hash_version = 0
         self.tracker_has_hashes = False
@@ -64,7 +65,7 @@ class LoadReporter:
             self.tracker = await asyncio.get_running_loop().run_in_executor(
                 None, get_or_create_tracker)
         sent = None if self.tracker_has_hashes else sorted(self.hashes)
-        ok = await asyncio.wait_for(self.tracker.report.remote(load, sent), self.timeout_s)
+        ok: bool = await asyncio.wait_for(self.tracker.report.remote(load, sent), self.timeout_s)
         self.tracker_has_hashes = bool(ok)
 
     async def stop(self) -> None:

@@ -47,7 +47,8 @@ class RayWorkers:
                 options.update(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                                scheduling_strategy=PlacementGroupSchedulingStrategy(
                                    group, placement_group_bundle_index=rank))
-            self.actors.append(ModelWorker.options(**options).remote())
+            # mypy does not see what a class decorator returns: here Ray's ActorClass
+            self.actors.append(ModelWorker.options(**options).remote())  # type: ignore[attr-defined]
         self.loops = [actor.run.remote(config, rank, self.init_method)
                       for rank, actor in enumerate(self.actors, start=1)]
 

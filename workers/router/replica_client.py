@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,16 +77,17 @@ class ReplicaClient:
     """The `app.engine_client.EngineClient` of model replicas, through a DeploymentHandle."""
 
     def __init__(self, handle: Any, config: EngineConfig, tokenizer: Any,
-                 max_resumes: int = 3) -> None:
+                 max_choices: int | None, max_resumes: int) -> None:
         self.handle = handle.options(stream=True, method_name="generate")
         self.config = config
         self.tokenizer = tokenizer
+        self.max_choices = max_choices
         self.max_resumes = max_resumes
         self.num_resumes = 0
         self.in_flight: dict[str, Any] = {}  # request id -> DeploymentResponseGenerator
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
         received = Received()
         lost: list[str] = []  # replicas that failed this request, avoided when routing it
         for resumes in range(self.max_resumes + 1):
@@ -109,7 +110,7 @@ class ReplicaClient:
                 await asyncio.sleep(RESUME_BACKOFF_S * resumes)
 
     async def stream(self, prompt_token_ids: list[int], params: SamplingParams,
-                     request_id: str, avoid: list[str]) -> AsyncIterator[RequestOutput]:
+                     request_id: str, avoid: list[str]) -> AsyncGenerator[RequestOutput, None]:
         """One attempt on one replica, its failures as typed engine errors."""
         response = None
         final: RequestOutput | None = None
@@ -144,8 +145,9 @@ class ReplicaClient:
         routed at the same time, would leave all but one waiting forever.
         """
         context = serve_context._get_serve_request_context()
+        # Serve declares this private ContextVar without its type, so mypy infers ContextVar[None]
         token = serve_context._serve_request_context.set(
-            dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
+            dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))  # type: ignore[arg-type]
         try:
             return self.handle.remote(*args, **kwargs)
         finally:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import defaultdict
 
+from ray.actor import ActorHandle
 from ray.exceptions import RayError
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -62,7 +63,7 @@ class PagodaRequestRouter(RequestRouter):
         self.expected_hashes: defaultdict[str, set[int]] = defaultdict(set)
         self.snapshot_at = 0.0  # monotonic time of the last successful refresh
         self.refresher: asyncio.Task | None = None
-        self.tracker = None
+        self.tracker: ActorHandle | None = None
 
     # refresh
 
@@ -84,7 +85,7 @@ class PagodaRequestRouter(RequestRouter):
             self.tracker = await asyncio.get_running_loop().run_in_executor(None, find_tracker)
             if self.tracker is None:
                 return
-        snapshot = await asyncio.wait_for(
+        snapshot: Snapshot = await asyncio.wait_for(
             self.tracker.snapshot.remote(dict(self.hash_versions)),
             timeout=self.policy.snapshot_max_age_s)
         self.apply(snapshot)

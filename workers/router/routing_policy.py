@@ -68,9 +68,8 @@ def rank_replicas(candidates: list[str], views: dict[str, ReplicaView],
     """
     if not candidates:
         return []
-    rng = rng or random
     shuffled = list(candidates)
-    rng.shuffle(shuffled)  # equal loads spread instead of always picking the same replica
+    (rng or random).shuffle(shuffled)  # equal loads spread instead of always picking one replica
     views = {c: views.get(c, ReplicaView()) for c in shuffled}
     loads = {c: load_of(views[c], policy) for c in shuffled}
     by_load = sorted(shuffled, key=loads.__getitem__)
@@ -86,5 +85,4 @@ def rank_replicas(candidates: list[str], views: dict[str, ReplicaView],
 
 def power_of_two(candidates: list[str], rng: random.Random | None = None) -> list[str]:
     """Two random candidates; Serve sends to the one with the shorter queue."""
-    rng = rng or random
-    return rng.sample(candidates, min(2, len(candidates)))
+    return (rng or random).sample(candidates, min(2, len(candidates)))

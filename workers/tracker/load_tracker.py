@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -93,11 +94,13 @@ class LoadTracker:
 def get_or_create_tracker(drop_after_s: float = 5.0) -> ray.actor.ActorHandle:
     """The one tracker of this Ray cluster; detached so it outlives the replica that made it,
     and outside that replica's placement group, which Serve removes with the replica."""
-    return ray.remote(LoadTracker).options(
+    # Ray types the strategy's group as required, though None means "no group", and a new
+    # actor as `ActorHandle | type`; it is always a handle
+    outside_groups = PlacementGroupSchedulingStrategy(placement_group=None)  # type: ignore[arg-type]
+    return cast(ray.actor.ActorHandle, ray.remote(LoadTracker).options(
         name=TRACKER_NAME, namespace=TRACKER_NAMESPACE, get_if_exists=True,
-        lifetime="detached", num_cpus=0, max_restarts=-1,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-    ).remote(drop_after_s)
+        lifetime="detached", num_cpus=0, max_restarts=-1, scheduling_strategy=outside_groups,
+    ).remote(drop_after_s))
 
 
 def find_tracker() -> ray.actor.ActorHandle | None:
