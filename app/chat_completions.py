@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from fastapi import Request, Response
@@ -12,12 +13,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app.chat import message_chars
 from app.chat_output import ChoiceOutput
-from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import bad_request
-from app.fanout import Fanout, Job
+from app.fanout import Job
+from app.generation import Outputs, run_generation
 from app.ingress import Ingress
 from app.logprobs import chat_logprobs
-from app.metrics import GenerationTimer
 from app.params import chat_schema, check_prompt_chars, per_choice, sampling_params
 from app.parsers.registry import RequestParsers
 from app.protocol import (
@@ -29,14 +29,9 @@ from app.protocol import (
     NamedToolChoice,
     Usage,
 )
-from app.streaming import ChatChunks, EventStream, sse_body
+from app.streaming import DONE, ChatChunks
+from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
-
-
-def usage_of(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:
-    completion = sum(c.completion_tokens for c in choices)
-    cached = min(c.cached_tokens for c in choices)
-    return Usage.of(prompt_tokens, completion, cached)
 
 
 @dataclass
@@ -71,9 +66,8 @@ def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "mes
     if max_tokens is None:
         max_tokens = request.max_tokens
     top_n = request.top_logprobs or 0
-    params = sampling_params(request, prompt_len=len(prompt_ids), limits=ingress.limits,
-                             max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
-                             json_schema=schema, what=what)
+    params = sampling_params(request, limits=ingress.limits, max_tokens=max_tokens,
+                             logprobs=top_n if request.logprobs else None, json_schema=schema)
     parsers = ingress.parsers.for_request(tools_on, forced, prompt.text)
     if parsers.keeps_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
@@ -83,76 +77,78 @@ def plan_chat(ingress: Ingress, request: ChatCompletionRequest, what: str = "mes
 async def create_chat_completion(ingress: Ingress, request: ChatCompletionRequest,
                                  raw: Request) -> Response:
     plan = await run_in_threadpool(plan_chat, ingress, request)
-    prompt_ids, params = plan.prompt_ids, plan.params
-    top_n = request.top_logprobs or 0
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    ingress.log_prompt(response_id, plan.prompt)
-    jobs = [Job(i, prompt_ids, per_choice(params, i), f"{response_id}-{i}")
-            for i in range(request.n)]
-    choices = [ChoiceOutput(i, plan.parsers) for i in range(request.n)]
-    timer = ingress.metrics.timer("chat", getattr(raw.state, "arrival", time.monotonic()))
-    fanout = Fanout(ingress.client, jobs)
-    if not await start_unless_disconnected(raw, fanout):
-        return Response(status_code=499)
-    if request.stream:
-        options = request.stream_options
+    gen = ChatGeneration(ingress, request, plan)
+    ingress.log_prompt(gen.id, plan.prompt)
+    return await run_generation(ingress, raw, gen, request.stream)
+
+
+class ChatGeneration:
+    """The n choices of one chat completion, as chunks or one response."""
+
+    endpoint = "chat"
+    what = "messages"
+    done = DONE
+
+    def __init__(self, ingress: Ingress, request: ChatCompletionRequest, plan: ChatPlan) -> None:
+        self.ingress = ingress
+        self.request = request
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.top_n = request.top_logprobs or 0
+        self.prompt_tokens = len(plan.prompt_ids)
+        self.jobs = [Job(i, plan.prompt_ids, per_choice(plan.params, i), f"{self.id}-{i}")
+                     for i in range(request.n)]
+        self.choices = [ChoiceOutput(i, plan.parsers) for i in range(request.n)]
+
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+    def usage(self) -> Usage:
+        cached = min(c.cached_tokens for c in self.choices)
+        return Usage.of(self.prompt_tokens, self.completion_tokens(), cached)
+
+    def record(self, index: int, out: RequestOutput) -> None:
+        self.choices[index].record(out)
+
+    def finish_reason(self) -> str:
+        return self.choices[0].streamed_finish_reason()
+
+    def logprobs(self, entries: list) -> ChatLogprobs | None:
+        if not self.request.logprobs or not entries:
+            return None
+        return chat_logprobs(self.ingress.texts, entries, self.top_n)
+
+    async def respond(self) -> Response:
+        choices = []
+        for choice in self.choices:
+            reasoning, content, calls = choice.message_parts()
+            message = AssistantMessage(content=content, tool_calls=calls,
+                                       reasoning_content=reasoning)
+            choices.append(ChatChoice(
+                index=choice.index, message=message,
+                logprobs=chat_logprobs(self.ingress.texts, choice.logprobs, self.top_n)
+                if self.request.logprobs else None,
+                finish_reason=choice.openai_finish_reason(bool(calls))))
+        response = ChatCompletionResponse(id=self.id, created=int(time.time()),
+                                          model=self.ingress.model_name, choices=choices,
+                                          usage=self.usage())
+        return JSONResponse(response.model_dump())
+
+    async def events(self, outputs: Outputs) -> AsyncGenerator[str, None]:
+        options = self.request.stream_options
         include_usage = bool(options and options.include_usage)
-        continuous = include_usage and options.continuous_usage_stats
-        chunks = ChatChunks(response_id, int(time.time()), ingress.model_name,
-                            (lambda: usage_of(len(prompt_ids), choices)) if continuous else None)
-        events = chat_events(ingress, raw, fanout, choices, chunks, len(prompt_ids), top_n,
-                             request.logprobs, include_usage, timer)
-        body = sse_body(events, raw, ingress.settings.retry_after_s,
-                        lambda: timer.finish(len(prompt_ids),
-                                             sum(c.completion_tokens for c in choices)))
-        return EventStream(body, on_close=fanout.close)
-    if not await collect_unless_disconnected(
-            raw, fanout, collect(fanout, choices, timer),
-            lambda: timer.finish(len(prompt_ids), sum(c.completion_tokens for c in choices))):
-        return Response(status_code=499)
-    response = ChatCompletionResponse(
-        id=response_id, created=int(time.time()), model=ingress.model_name,
-        choices=[whole_choice(ingress, c, request.logprobs, top_n) for c in choices],
-        usage=usage_of(len(prompt_ids), choices))
-    raw.state.finish_reason = response.choices[0].finish_reason
-    return JSONResponse(response.model_dump())
-
-
-async def collect(fanout: Fanout, choices: list[ChoiceOutput], timer: GenerationTimer) -> None:
-    async for index, out in fanout.outputs():
-        timer.observe(index, out)
-        choices[index].record(out)
-
-
-def whole_choice(ingress: Ingress, choice: ChoiceOutput, logprobs: bool,
-                 top_n: int) -> ChatChoice:
-    reasoning, content, calls = choice.message_parts()
-    message = AssistantMessage(content=content, tool_calls=calls, reasoning_content=reasoning)
-    return ChatChoice(
-        index=choice.index, message=message,
-        logprobs=chat_logprobs(ingress.texts, choice.logprobs, top_n) if logprobs else None,
-        finish_reason=choice.openai_finish_reason(bool(calls)))
-
-
-async def chat_events(ingress: Ingress, raw: Request, fanout: Fanout,
-                      choices: list[ChoiceOutput], chunks: ChatChunks, prompt_tokens: int,
-                      top_n: int, logprobs: bool, include_usage: bool,
-                      timer: GenerationTimer):
-    def unsent(choice: ChoiceOutput) -> ChatLogprobs | None:
-        entries = choice.take_logprobs()
-        return chat_logprobs(ingress.texts, entries, top_n) if logprobs and entries else None
-
-    for choice in choices:
-        yield chunks.role(choice.index)
-    async for index, out in fanout.outputs():
-        timer.observe(index, out)
-        choice = choices[index]
-        choice.record(out)
-        deltas = choice.feed(out.text) + (choice.flush() if out.finished else [])
-        for delta in deltas:
-            yield chunks.delta(index, delta, unsent(choice))
-        if out.finished:
-            yield chunks.finish(index, choice.streamed_finish_reason(), unsent(choice))
-    if include_usage:
-        yield chunks.usage(usage_of(prompt_tokens, choices))
-    raw.state.finish_reason = choices[0].streamed_finish_reason()
+        continuous = include_usage and options is not None and options.continuous_usage_stats
+        chunks = ChatChunks(self.id, int(time.time()), self.ingress.model_name,
+                            self.usage if continuous else None)
+        for choice in self.choices:
+            yield chunks.role(choice.index)
+        async for index, out in outputs:
+            choice = self.choices[index]
+            choice.record(out)
+            deltas = choice.feed(out.text) + (choice.flush() if out.finished else [])
+            for delta in deltas:
+                yield chunks.delta(index, delta, self.logprobs(choice.take_logprobs()))
+            if out.finished:
+                yield chunks.finish(index, choice.streamed_finish_reason(),
+                                    self.logprobs(choice.take_logprobs()))
+        if include_usage:
+            yield chunks.usage(self.usage())

@@ -3,22 +3,22 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import bad_request
-from app.fanout import Fanout, Job
+from app.fanout import Job
+from app.generation import Outputs, run_generation
 from app.ingress import Ingress
-from app.logprobs import completion_logprobs, merge_completion_logprobs
-from app.metrics import GenerationTimer
+from app.logprobs import TokenTexts, completion_logprobs, merge_completion_logprobs
 from app.params import (
     check_choices,
     check_prompt_chars,
-    check_token_ids,
     per_choice,
     sampling_params,
     schema_of_response_format,
@@ -30,7 +30,7 @@ from app.protocol import (
     CompletionResponse,
     Usage,
 )
-from app.streaming import CompletionChunks, EventStream, sse_body
+from app.streaming import DONE, CompletionChunks
 from workers.engine.outputs import RequestOutput
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -38,8 +38,13 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 @dataclass
 class Prompt:
-    text: str
     token_ids: list[int]
+    given: str | None = None  # the text sent; None: token ids, decoded once the engine took them
+
+    def text(self, tokenizer: Any) -> str:
+        if self.given is None:
+            self.given = tokenizer.decode(self.token_ids)
+        return self.given
 
 
 @dataclass
@@ -56,19 +61,20 @@ class CompletionOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
 
-    def record(self, texts, out: RequestOutput) -> tuple[str, CompletionLogprobs | None]:
+    def record(self, texts: TokenTexts, out: RequestOutput
+               ) -> tuple[str, CompletionLogprobs | None]:
         """The text and logprobs this output adds to the choice (the echo first)."""
         text, part = out.text, None
         entries, token_ids = list(out.logprobs or []), list(out.token_ids)
         if not self.started:
             self.started = True
             if self.echo:
-                text = self.prompt.text + text
+                text = self.prompt.text(texts.tokenizer) + text
                 if out.prompt_logprobs is not None:
                     entries = list(out.prompt_logprobs) + entries
                     token_ids = self.prompt.token_ids + token_ids
                 else:  # no prompt logprobs from the engine: offsets start after the echo
-                    self.offset = len(self.prompt.text)
+                    self.offset = len(self.prompt.text(texts.tokenizer))
         if self.top_n is not None and token_ids:
             part = completion_logprobs(texts, entries, token_ids, self.top_n, self.offset)
             self.offset += sum(len(t) for t in part.tokens)
@@ -90,20 +96,12 @@ def read_prompts(ingress: Ingress, request: CompletionRequest) -> list[Prompt]:
     for item in items:
         if isinstance(item, str):
             check_prompt_chars(len(item), ingress.limits, "prompt")
-            prompts.append(Prompt(item, ingress.tokenizer.encode(item)))
+            prompts.append(Prompt(ingress.tokenizer.encode(item), item))
         else:
-            check_token_ids(item, ingress.limits.vocab_size, "prompt")
-            prompts.append(Prompt(ingress.tokenizer.decode(item), list(item)))
+            prompts.append(Prompt(list(item)))
         if not prompts[-1].token_ids:
             raise bad_request("prompt must not be empty.", "prompt")
     return prompts
-
-
-def usage_of(prompts: list[Prompt], outputs: list[CompletionOutput]) -> Usage:
-    prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    completion = sum(o.completion_tokens for o in outputs)
-    cached = sum(min(o.cached_tokens for o in outputs if o.prompt is p) for p in prompts)
-    return Usage.of(prompt_tokens, completion, cached)
 
 
 async def create_completion(ingress: Ingress, request: CompletionRequest,
@@ -111,82 +109,78 @@ async def create_completion(ingress: Ingress, request: CompletionRequest,
     ingress.check_model(request.model)
     if request.suffix:
         raise bad_request("suffix is not supported.", "suffix")
-    response_id = f"cmpl-{uuid.uuid4().hex}"
     # tokenizing and schema checks of large inputs must not hold up the event loop
-    prompts, jobs, outputs = await run_in_threadpool(plan, ingress, request, response_id)
-    ingress.log_prompt(response_id, [p.text for p in prompts])
-    timer = ingress.metrics.timer("completions", getattr(raw.state, "arrival", time.monotonic()))
-    prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    fanout = Fanout(ingress.client, jobs)
-    if not await start_unless_disconnected(raw, fanout):
-        return Response(status_code=499)
-    if request.stream:
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        chunks = CompletionChunks(response_id, int(time.time()), ingress.model_name)
-        events = completion_events(ingress, raw, fanout, outputs, chunks, prompts, include_usage,
-                                   timer)
-        body = sse_body(events, raw, ingress.settings.retry_after_s,
-                        lambda: timer.finish(prompt_tokens,
-                                             sum(o.completion_tokens for o in outputs)))
-        return EventStream(body, on_close=fanout.close)
-    if not await collect_unless_disconnected(
-            raw, fanout, collect(ingress, fanout, outputs, timer),
-            lambda: timer.finish(prompt_tokens, sum(o.completion_tokens for o in outputs))):
-        return Response(status_code=499)
-    choices = [CompletionChoice(
-        index=o.index, text=o.text, finish_reason=o.finish_reason or "abort",
-        logprobs=merge_completion_logprobs(o.logprobs) if o.top_n is not None else None)
-        for o in outputs]
-    response = CompletionResponse(id=response_id, created=int(time.time()),
-                                  model=ingress.model_name, choices=choices,
-                                  usage=usage_of(prompts, outputs))
-    raw.state.finish_reason = choices[0].finish_reason
-    return JSONResponse(response.model_dump())
+    gen = await run_in_threadpool(CompletionGeneration, ingress, request)
+    ingress.log_prompt(gen.id, [p.given or p.token_ids for p in gen.prompts])
+    return await run_generation(ingress, raw, gen, request.stream)
 
 
-def plan(ingress: Ingress, request: CompletionRequest, response_id: str
-         ) -> tuple[list[Prompt], list[Job], list[CompletionOutput]]:
-    """The prompts, one engine job per prompt and choice, and the outputs they fill."""
-    prompts = read_prompts(ingress, request)
-    check_choices(len(prompts), request.n, ingress.limits)
-    schema = schema_of_response_format(request.response_format)
-    jobs, outputs = [], []
-    for p, prompt in enumerate(prompts):
-        limit = ingress.limits.max_model_len
-        max_tokens = request.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, limit - len(prompt.token_ids)))
-        params = sampling_params(request, prompt_len=len(prompt.token_ids), limits=ingress.limits,
-                                 max_tokens=max_tokens, logprobs=request.logprobs,
-                                 json_schema=schema, what="prompt")
-        if request.echo and request.logprobs is not None:
-            params.prompt_logprobs = request.logprobs
-        for i in range(request.n):
-            index = p * request.n + i
-            jobs.append(Job(index, prompt.token_ids, per_choice(params, i),
-                            f"{response_id}-{index}"))
-            outputs.append(CompletionOutput(index, prompt, request.echo, request.logprobs))
-    return prompts, jobs, outputs
+class CompletionGeneration:
+    """One engine call per prompt and choice, and the outputs they fill."""
 
+    endpoint = "completions"
+    what = "prompt"
+    done = DONE
 
-async def collect(ingress: Ingress, fanout: Fanout, outputs: list[CompletionOutput],
-                  timer: GenerationTimer) -> None:
-    async for index, out in fanout.outputs():
-        timer.observe(index, out)
-        outputs[index].record(ingress.texts, out)
+    def __init__(self, ingress: Ingress, request: CompletionRequest) -> None:
+        self.ingress = ingress
+        self.request = request
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.prompts = read_prompts(ingress, request)
+        check_choices(len(self.prompts), request.n, ingress.limits)
+        self.prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        schema = schema_of_response_format(request.response_format)
+        self.jobs: list[Job] = []
+        self.outputs: list[CompletionOutput] = []
+        for p, prompt in enumerate(self.prompts):
+            max_tokens = request.max_tokens
+            if max_tokens is None:
+                room = ingress.limits.max_model_len - len(prompt.token_ids)
+                max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room))
+            params = sampling_params(request, limits=ingress.limits, max_tokens=max_tokens,
+                                     logprobs=request.logprobs, json_schema=schema)
+            if request.echo and request.logprobs is not None:
+                params.prompt_logprobs = request.logprobs
+            for i in range(request.n):
+                index = p * request.n + i
+                self.jobs.append(Job(index, prompt.token_ids, per_choice(params, i),
+                                     f"{self.id}-{index}"))
+                self.outputs.append(CompletionOutput(index, prompt, request.echo,
+                                                     request.logprobs))
 
+    def completion_tokens(self) -> int:
+        return sum(o.completion_tokens for o in self.outputs)
 
-async def completion_events(ingress: Ingress, raw: Request, fanout: Fanout,
-                            outputs: list[CompletionOutput], chunks: CompletionChunks,
-                            prompts: list[Prompt], include_usage: bool, timer: GenerationTimer):
-    async for index, out in fanout.outputs():
-        timer.observe(index, out)
-        output = outputs[index]
-        text, logprobs = output.record(ingress.texts, out)
-        if text or logprobs is not None:
-            yield chunks.text(index, text, logprobs)
-        if out.finished:
-            yield chunks.text(index, "", None, output.finish_reason)
-    if include_usage:
-        yield chunks.usage(usage_of(prompts, outputs))
-    raw.state.finish_reason = outputs[0].finish_reason or "abort"
+    def usage(self) -> Usage:
+        cached = sum(min(o.cached_tokens for o in self.outputs if o.prompt is p)
+                     for p in self.prompts)
+        return Usage.of(self.prompt_tokens, self.completion_tokens(), cached)
+
+    def record(self, index: int, out: RequestOutput) -> None:
+        self.outputs[index].record(self.ingress.texts, out)
+
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason or "abort"
+
+    async def respond(self) -> Response:
+        choices = [CompletionChoice(
+            index=o.index, text=o.text, finish_reason=o.finish_reason or "abort",
+            logprobs=merge_completion_logprobs(o.logprobs) if o.top_n is not None else None)
+            for o in self.outputs]
+        response = CompletionResponse(id=self.id, created=int(time.time()),
+                                      model=self.ingress.model_name, choices=choices,
+                                      usage=self.usage())
+        return JSONResponse(response.model_dump())
+
+    async def events(self, outputs: Outputs) -> AsyncGenerator[str, None]:
+        chunks = CompletionChunks(self.id, int(time.time()), self.ingress.model_name)
+        async for index, out in outputs:
+            output = self.outputs[index]
+            text, logprobs = output.record(self.ingress.texts, out)
+            if text or logprobs is not None:
+                yield chunks.text(index, text, logprobs)
+            if out.finished:
+                yield chunks.text(index, "", None, output.finish_reason)
+        options = self.request.stream_options
+        if options is not None and options.include_usage:
+            yield chunks.usage(self.usage())

@@ -18,6 +18,7 @@ from workers.engine.sampling_params import SamplingParams
 class EngineClient(Protocol):
     tokenizer: Any
     config: EngineConfig  # the served model's name and limits
+    max_choices: int | None  # engine calls it holds at once, running or queued; None: unbounded
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                  request_id: str) -> AsyncIterator[RequestOutput]:

@@ -10,11 +10,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from app.protocol import ErrorInfo, ErrorResponse
 from workers.engine.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -27,13 +26,25 @@ logger = logging.getLogger("pagoda.api")
 INTERNAL_MESSAGE = "The server had an error while processing your request."
 
 
-class APIError(Exception):
-    """An error with its HTTP status, ready to send."""
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class APIError(HTTPException):
+    """An error with its HTTP status, ready to send. An HTTPException, so FastAPI passes it on
+    as it is when it is raised while the body is read (a body over the size limit)."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(status, message)
         self.status = status
         self.message = message
         self.type = type
@@ -64,6 +75,8 @@ def describe_validation(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str |
     parts: list[str] = []
     first_param: str | None = None
     for error in errors:
+        if error.get("type") == "json_invalid":
+            return f"The request body is not valid JSON: {error['ctx']['error']}.", None
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         first_param = first_param or param
@@ -88,6 +101,8 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
     if isinstance(exc, json.JSONDecodeError):
         return bad_request(f"The request body is not valid JSON: {exc.msg} "
                            f"(line {exc.lineno} column {exc.colno}).")
+    if isinstance(exc, HTTPException) and exc.status_code == 400 and exc.__cause__:
+        return unreadable_body(exc.__cause__)  # FastAPI failed to parse the body
     if isinstance(exc, RequestValidationError | ValidationError):
         message, param = describe_validation(exc.errors())
         return bad_request(message, param)
@@ -99,6 +114,16 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
                         headers=dict(exc.headers or {}))
     logger.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
     return APIError(500, INTERNAL_MESSAGE, type="server_error")
+
+
+def unreadable_body(cause: BaseException) -> APIError:
+    if isinstance(cause, UnicodeDecodeError):
+        return bad_request(f"The request body is not UTF-8 JSON: {cause.reason}.")
+    if isinstance(cause, RecursionError):  # the parser recurses once per level of nesting
+        return bad_request("The request body is nested too deeply.")
+    if isinstance(cause, ValueError):  # an integer beyond Python's int-from-string digit limit
+        return bad_request("The request body has a number with too many digits.")
+    return bad_request("The request body is not valid JSON.")
 
 
 def error_response(error: APIError) -> JSONResponse:

@@ -1,16 +1,13 @@
 """What every endpoint needs: the engine client, tokenizer, chat template, limits, metrics."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Request
-
 from app.chat import ChatTemplate
 from app.engine_client import EngineClient
-from app.errors import bad_request, model_not_found
+from app.errors import model_not_found
 from app.logprobs import TokenTexts
 from app.metrics import Metrics
 from app.params import Limits, prompt_chars_bound
@@ -36,7 +33,7 @@ class Ingress:
     def create(cls, client: EngineClient, settings: Settings) -> Ingress:
         config = client.config
         tokenizer = client.tokenizer
-        name = settings.served_model_name or config.served_model_name
+        name = config.model_name
         vocab_size = config.hf_config.get("vocab_size") or len(tokenizer)
         parsers = choose_parsers(config.hf_config.get("model_type"), tokenizer.chat_template,
                                  settings.tool_parser, settings.reasoning_parser)
@@ -47,10 +44,8 @@ class Ingress:
             client=client, settings=settings, tokenizer=tokenizer,
             template=ChatTemplate(tokenizer), texts=TokenTexts(tokenizer),
             metrics=Metrics(name, client.stats), model_name=name,
-            limits=Limits(config.max_model_len, vocab_size, settings.max_n,
-                          prompt_chars_bound(config.max_model_len, tokenizer),
-                          settings.max_choices or config.max_num_seqs
-                          + config.max_waiting_requests),
+            limits=Limits(config.context_len, vocab_size, settings.max_n,
+                          prompt_chars_bound(config.context_len, tokenizer), client.max_choices),
             parsers=parsers,
         )
 
@@ -61,23 +56,3 @@ class Ingress:
     def log_prompt(self, request_id: str, prompt: Any) -> None:
         if self.settings.log_prompts:
             logger.info("request %s prompt: %r", request_id, prompt)
-
-
-async def parse_body(request: Request, model: type) -> Any:
-    """The JSON body validated as `model`; anything else is a 400."""
-    body = await request.body()
-    if not body:
-        raise bad_request("The request body is empty; send a JSON object.")
-    try:
-        data = json.loads(body)  # a JSONDecodeError is worded by app/errors.py
-    except UnicodeDecodeError as e:
-        raise bad_request(f"The request body is not UTF-8 JSON: {e.reason}.") from e
-    except RecursionError as e:  # the parser recurses once per level of nesting
-        raise bad_request("The request body is nested too deeply.") from e
-    except json.JSONDecodeError:
-        raise
-    except ValueError as e:  # an integer beyond Python's int-from-string digit limit
-        raise bad_request("The request body has a number with too many digits.") from e
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.")
-    return model.model_validate(data)

@@ -12,8 +12,10 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import APIError, error_response, unauthorized
@@ -23,23 +25,14 @@ from app.settings import Settings
 logger = logging.getLogger("pagoda.api")
 
 OPEN_PATHS = {"/health", "/metrics", "/openapi.json"}
-ENDPOINTS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/responses": "responses",
-    "/v1/models": "models",
-    "/tokenize": "tokenize",
-    "/detokenize": "detokenize",
-    "/health": "health",
-    "/metrics": "metrics",
-}
 
 
-def endpoint_of(path: str) -> str:
-    """The metrics label of a path; a stored response's path counts as `responses`."""
-    if path.startswith("/v1/responses/"):
-        return "responses"
-    return ENDPOINTS.get(path, "other")
+def endpoint_of(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The metrics label of a request: the name of the route it goes to."""
+    for route in routes:
+        if isinstance(route, Route) and route.matches(scope)[0] != Match.NONE:
+            return route.name
+    return "other"
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -81,10 +74,12 @@ def too_large(max_bytes: int) -> APIError:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics,
+                 routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,7 +90,7 @@ class RequestContext:
         state["arrival"] = time.monotonic()
         state["request_id"] = request_id
         path = scope.get("path", "")
-        endpoint = endpoint_of(path)
+        endpoint = endpoint_of(self.routes, scope)
         status = 500
         complete = False  # the response's last byte was sent
         client_left = False

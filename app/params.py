@@ -1,5 +1,6 @@
 """Request fields to the engine's SamplingParams, with the checks only the ingress can make
-(context length, n, token ids, schemas), each failing as a 400 that names the parameter."""
+(n, prompt size before tokenizing, logit_bias keys, schemas), each a 400 naming the parameter.
+Context length, token ids and value ranges are the engine's and SamplingParams' to check."""
 from __future__ import annotations
 
 import re
@@ -10,8 +11,7 @@ import jsonschema
 
 from app.errors import bad_request
 from app.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest, Tool
-from workers.engine.errors import ContextLengthError
-from workers.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from workers.engine.sampling_params import SamplingParams
 
 TOKEN_ID = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: "²" and "１" pass isdigit()
 MAX_SCHEMA_DEPTH = 64  # levels of objects and arrays; validators recurse once per level
@@ -45,28 +45,16 @@ def check_choices(prompts: int, n: int, limits: Limits) -> None:
 def check_prompt_chars(chars: int, limits: Limits, what: str) -> None:
     """A text too long for the context is rejected before it is tokenized."""
     if limits.max_prompt_chars is not None and chars > limits.max_prompt_chars:
-        raise ContextLengthError(
+        raise bad_request(
             f"This model's maximum context length is {limits.max_model_len} tokens. However, "
             f"your {what} has {chars} characters, more than that many tokens could hold. "
-            f"Please reduce the length of the {what}.", what)
+            f"Please reduce the length of the {what}.", what, "context_length_exceeded")
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
     for token_id in token_ids:
         if not 0 <= token_id < vocab_size:
             raise bad_request(f"Token id {token_id} is out of range [0, {vocab_size}).", param)
-
-
-def check_context(prompt_len: int, max_tokens: int | None, limit: int, what: str) -> None:
-    if prompt_len >= limit:
-        raise ContextLengthError(
-            f"This model's maximum context length is {limit} tokens. However, your {what} "
-            f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.", what)
-    if max_tokens is not None and prompt_len + max_tokens > limit:
-        raise ContextLengthError(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
-            f"completion). Please reduce the length of the {what} or completion.", "max_tokens")
 
 
 def schema_of_response_format(response_format: ResponseFormat | None) -> dict | None:
@@ -133,25 +121,19 @@ def check_schema(schema: dict | None, param: str) -> None:
         raise bad_request("The JSON schema is nested too deeply.", param) from e
 
 
-def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits,
-                    max_tokens: int | None, logprobs: int | None, json_schema: dict | None,
-                    what: str) -> SamplingParams:
+def sampling_params(request: SamplingRequest, *, limits: Limits, max_tokens: int | None,
+                    logprobs: int | None, json_schema: dict | None) -> SamplingParams:
     """Parameters of choice 0; `per_choice` derives the others."""
     if not 1 <= request.n <= limits.max_n:
         raise bad_request(f"n must be between 1 and {limits.max_n}, got {request.n}.", "n")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed when stream is true.",
                           "stream_options")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}.",
-                          "logprobs")
     bias: dict[int, float] = {}
     for key, value in (request.logit_bias or {}).items():
         if not TOKEN_ID.fullmatch(key):
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
         bias[int(key)] = value
-    check_token_ids(list(bias), limits.vocab_size, "logit_bias")
-    check_token_ids(request.stop_token_ids or [], limits.vocab_size, "stop_token_ids")
     check_schema(json_schema, "response_format")
     grammar = request.structured_outputs.grammar if request.structured_outputs else None
     if request.structured_outputs is not None and grammar is None:
@@ -159,7 +141,7 @@ def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits
     if grammar is not None and json_schema is not None:
         raise bad_request("structured_outputs cannot be combined with response_format or a "
                           "forced tool_choice.", "structured_outputs")
-    params = SamplingParams(
+    return SamplingParams(
         n=request.n,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
@@ -181,8 +163,6 @@ def sampling_params(request: SamplingRequest, *, prompt_len: int, limits: Limits
         json_schema=json_schema,
         grammar=grammar,
     )
-    check_context(prompt_len, max_tokens, limits.max_model_len, what)
-    return params
 
 
 def per_choice(params: SamplingParams, index: int) -> SamplingParams:

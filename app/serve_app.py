@@ -14,7 +14,6 @@ from ray.serve.handle import DeploymentHandle
 
 from app.serve_args import PagodaArgs
 from app.settings import Settings
-from workers.engine.config import EngineConfig
 from workers.replica.deployment import ModelReplica
 from workers.router.replica_client import ReplicaClient
 from workers.router.request_router import PagodaRequestRouter
@@ -25,16 +24,14 @@ from workers.router.request_router import PagodaRequestRouter
 class PagodaIngress:
     """Tokenizes, applies the chat template and streams SSE; generation runs on replicas."""
 
-    def __init__(self, replica: DeploymentHandle, args: dict[str, Any]) -> None:
+    def __init__(self, replica: DeploymentHandle, args: PagodaArgs) -> None:
         from transformers import AutoTokenizer
 
-        parsed = PagodaArgs.model_validate(args)
-        config = EngineConfig(**parsed.engine_kwargs())
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.client = ReplicaClient(replica, config, tokenizer,
-                                    max_resumes=parsed.replicas.max_resumes)
-        self.settings = Settings(max_choices=parsed.replicas.max_choices(),
-                                 **parsed.api.model_dump(exclude_none=True))
+        tokenizer = AutoTokenizer.from_pretrained(args.engine.model)
+        self.client = ReplicaClient(replica, args.engine, tokenizer,
+                                    max_choices=args.replicas.max_choices(),
+                                    max_resumes=args.replicas.max_resumes)
+        self.settings = Settings.of(args.api)  # the environment of the ingress's node
 
     def __serve_build_asgi_app__(self) -> Any:
         from app.api import build_app as build_api
@@ -52,6 +49,5 @@ def build_app(args: PagodaArgs | dict[str, Any]) -> Application:
                                  request_router_kwargs=args.router_kwargs())
     replica = ModelReplica.options(
         **args.replica_options(), request_router_config=router,
-    ).bind(args.engine_kwargs(), args.replicas.report_interval_s)
-    return PagodaIngress.options(**args.ingress.deployment_options()).bind(
-        replica, args.model_dump(mode="json"))
+    ).bind(args.engine, args.replicas.report_interval_s)
+    return PagodaIngress.options(**args.ingress.deployment_options()).bind(replica, args)

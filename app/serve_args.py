@@ -7,7 +7,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.engine.config import DEFAULT_MODEL
+from app.settings import ApiConfig
+from workers.engine.config import EngineConfig
 from workers.router.routing_policy import RoutingPolicy
 
 MAX_ENGINE_THREADS = 8  # past this, one small model's matmuls gain less than another replica
@@ -33,30 +34,6 @@ def cpu_plan(cores: int) -> CpuPlan:
 
 def machine_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class EngineArgs(BaseModel):
-    """EngineConfig knobs; None keeps the engine's default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
-    device: str | None = None
-    attention_backend: Literal["auto", "torch", "cpu", "triton", "flash"] | None = None
-    block_size: int | None = Field(None, ge=1)
-    num_kv_blocks: int | None = Field(None, ge=1)
-    kv_cache_memory_gb: float | None = Field(None, gt=0)
-    max_num_seqs: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    max_model_len: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool | None = None
-    max_waiting_requests: int | None = Field(None, ge=1)
-    cuda_graphs: bool | None = None
-    num_threads: int | None = Field(None, ge=1)
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    pipeline_parallel_size: int | None = Field(None, ge=1)
-    seed: int | None = None
-    fault_marker: str | None = None  # testing aid; see workers/engine/fault_injection.py
 
 
 class ReplicaArgs(BaseModel):
@@ -144,42 +121,30 @@ class IngressArgs(BaseModel):
                 self.max_ongoing_requests, "ray_actor_options": {"num_cpus": self.num_cpus}}
 
 
-class ApiArgs(BaseModel):
-    """Settings overrides of the HTTP API; the API key only comes from PAGODA_API_KEY."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # None: the PAGODA_ environment's choice, else "auto" (chosen from the model folder)
-    tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral"] | None = None
-    reasoning_parser: Literal["auto", "none", "think", "deepseek_r1", "qwen3"] | None = None
-    max_n: int | None = Field(None, ge=1)
-    log_prompts: bool | None = None
-    retry_after_s: int | None = Field(None, ge=0)
-    max_request_bytes: int | None = Field(None, ge=1)
-    response_store_records: int | None = Field(None, ge=1)
-    response_store_mb: int | None = Field(None, ge=1)
-
-
 class PagodaArgs(BaseModel):
-    """`auto` in engine.num_threads or replicas.max_replicas (CPU only) takes the value of
-    `cpu_plan` for the machine that validates the config (`serve run`'s)."""
+    """The top-level `model` and `served_model_name` belong to the engine section. `auto` in
+    engine.num_threads or replicas.max_replicas (CPU only) takes the value of `cpu_plan` for
+    the machine that validates the config (`serve run`'s)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = DEFAULT_MODEL  # an HF-format folder on every node that runs a deployment
-    served_model_name: str | None = None
-    engine: EngineArgs = EngineArgs()
+    engine: EngineConfig = EngineConfig()
     replicas: ReplicaArgs = ReplicaArgs()
     ingress: IngressArgs = IngressArgs()
     routing: RoutingPolicy = RoutingPolicy()
-    api: ApiArgs = ApiArgs()
+    api: ApiConfig = ApiConfig()
 
     @model_validator(mode="before")
     @classmethod
     def resolve_auto(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        data = dict(data)
         engine, replicas = dict(data.get("engine") or {}), dict(data.get("replicas") or {})
+        for key in ("model", "served_model_name"):
+            if key in data:
+                engine[key] = data.pop(key)
+        data["engine"] = engine
         autos = [(part, key) for part, key in ((engine, "num_threads"), (replicas, "max_replicas"))
                  if part.get(key) == "auto"]
         if not autos:
@@ -195,8 +160,7 @@ class PagodaArgs(BaseModel):
         """Serve deployment options of the model replica; one bundle per rank when it spans
         several devices (bundle 0 is the replica actor itself, rank 0)."""
         options = self.replicas.deployment_options()
-        tp = self.engine.tensor_parallel_size or 1
-        pp = self.engine.pipeline_parallel_size or 1
+        tp, pp = self.engine.tensor_parallel_size, self.engine.pipeline_parallel_size
         if tp * pp == 1:
             return options
         r = self.replicas
@@ -206,14 +170,6 @@ class PagodaArgs(BaseModel):
         options["placement_group_strategy"] = r.placement_strategy or (
             "STRICT_PACK" if pp == 1 else "PACK")
         return options
-
-    def engine_kwargs(self) -> dict[str, Any]:
-        """EngineConfig(**kwargs) of every replica."""
-        kwargs = self.engine.model_dump(exclude_none=True)
-        kwargs["model"] = self.model
-        if self.served_model_name:
-            kwargs["served_model_name"] = self.served_model_name
-        return kwargs
 
     def router_kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self.routing)

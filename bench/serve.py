@@ -128,7 +128,6 @@ def fmt(value: float, digits: int = 0) -> str:
 
 def sweep(args: argparse.Namespace, tokenizer) -> tuple[str, dict[int, tuple[RunStats,
                                                                              RunStats]]]:
-    from workers.engine.config import EngineConfig
     from workers.engine.llm_engine import LLMEngine
 
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -138,8 +137,7 @@ def sweep(args: argparse.Namespace, tokenizer) -> tuple[str, dict[int, tuple[Run
     model = os.path.basename(os.path.normpath(served_args["model"]))
     from app.serve_args import PagodaArgs
 
-    engine_kwargs = PagodaArgs.model_validate(served_args).engine_kwargs()  # resolves `auto`
-    engine = LLMEngine(EngineConfig(**engine_kwargs))
+    engine = LLMEngine(PagodaArgs.model_validate(served_args).engine)  # resolves `auto`
     run_offline(engine, sharegpt_like(tokenizer, 4, 8, seed=999), 4, "warmup")
     offline = {c: run_offline(engine, requests[c], c, f"c{c}") for c in levels}
     for c, stats in offline.items():

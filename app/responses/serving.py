@@ -14,14 +14,12 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.chat_completions import plan_chat
+from app.chat_completions import ChatPlan, plan_chat
 from app.chat_output import ChoiceOutput
-from app.disconnect import collect_unless_disconnected, start_unless_disconnected
 from app.errors import APIError, to_api_error
-from app.fanout import Fanout, Job
+from app.fanout import Job
+from app.generation import Outputs, run_generation
 from app.ingress import Ingress
-from app.metrics import GenerationTimer
-from app.parsers.registry import RequestParsers
 from app.responses.conversation import chat_request, request_items, to_messages
 from app.responses.output import Event, OutputBuilder
 from app.responses.protocol import (
@@ -33,7 +31,6 @@ from app.responses.protocol import (
     ResponseUsage,
 )
 from app.responses.store import ResponseStore
-from app.streaming import EventStream, sse_body
 from workers.engine.outputs import RequestOutput
 
 
@@ -46,12 +43,17 @@ def not_found(response_id: str, param: str | None = None) -> APIError:
 class ResponseRun:
     """One response being generated: its object, the parsers and the output items."""
 
-    def __init__(self, ingress: Ingress, request: ResponsesRequest, items: list[dict],
-                 prompt_tokens: int, parsers: RequestParsers) -> None:
+    endpoint = "responses"
+    what = "input"
+    done = ""  # the events end themselves
+
+    def __init__(self, ingress: Ingress, store: ResponseStore, request: ResponsesRequest,
+                 items: list[dict], plan: ChatPlan) -> None:
         self.ingress = ingress
+        self.store = store
         self.items = items  # the conversation up to this response, stored with it
-        self.prompt_tokens = prompt_tokens
-        self.choice = ChoiceOutput(0, parsers)
+        self.prompt_tokens = len(plan.prompt_ids)
+        self.choice = ChoiceOutput(0, plan.parsers)
         self.builder = OutputBuilder(request.parallel_tool_calls)
         self.response = ResponseObject(
             model=ingress.model_name, instructions=request.instructions,
@@ -62,6 +64,17 @@ class ResponseRun:
             temperature=request.temperature, text=request.text,
             tool_choice=request.tool_choice, tools=request.tools or [], top_p=request.top_p,
             user=request.user, metadata=request.metadata or {})
+        self.jobs = [Job(0, plan.prompt_ids, plan.params, self.response.id)]
+
+    def completion_tokens(self) -> int:
+        return self.choice.completion_tokens
+
+    def record(self, index: int, out: RequestOutput) -> None:
+        self.advance(out)
+
+    def finish_reason(self) -> str:
+        return "error" if self.response.status == "failed" else \
+            self.choice.streamed_finish_reason()
 
     def advance(self, out: RequestOutput) -> list[Event]:
         self.choice.record(out)
@@ -99,10 +112,43 @@ class ResponseRun:
         return ResponseUsage.of(self.prompt_tokens, output_tokens, self.choice.cached_tokens,
                                 min(reasoning_tokens, output_tokens))
 
-    async def save(self, store: ResponseStore) -> None:
+    async def save(self) -> None:
         if self.response.store:
-            await store.put(self.response.id, {"input": self.items,
-                                               "response": self.response.wire()})
+            await self.store.put(self.response.id, {"input": self.items,
+                                                    "response": self.response.wire()})
+
+    async def respond(self) -> Response:
+        self.finish()
+        await self.save()
+        return JSONResponse(self.response.wire())
+
+    async def events(self, outputs: Outputs) -> AsyncGenerator[str, None]:
+        """Named events numbered from 0; a failure after the start ends it as response.failed."""
+        sequence = 0
+
+        def numbered(event: Event) -> str:
+            nonlocal sequence
+            sequence += 1
+            return sse({**event, "sequence_number": sequence - 1})
+
+        def lifecycle(kind: str) -> str:
+            return numbered({"type": f"response.{kind}", "response": self.response.wire()})
+
+        yield lifecycle("created")
+        yield lifecycle("in_progress")
+        try:
+            async for _, out in outputs:
+                for event in self.advance(out):
+                    yield numbered(event)
+            for event in self.finish():
+                yield numbered(event)
+        except Exception as e:  # noqa: BLE001 - after the stream started, any error is an event
+            for event in self.fail(to_api_error(e, self.ingress.settings.retry_after_s)):
+                yield numbered(event)
+            yield lifecycle("failed")
+            return
+        await self.save()
+        yield lifecycle(self.response.status)
 
 
 async def create_response(ingress: Ingress, store: ResponseStore, request: ResponsesRequest,
@@ -117,69 +163,13 @@ async def create_response(ingress: Ingress, store: ResponseStore, request: Respo
     items = history + request_items(request)
     messages = to_messages(request.instructions, items, first_new=len(history))
     plan = await run_in_threadpool(plan_chat, ingress, chat_request(request, messages), "input")
-    run = ResponseRun(ingress, request, items, len(plan.prompt_ids), plan.parsers)
+    run = ResponseRun(ingress, store, request, items, plan)
     ingress.log_prompt(run.response.id, plan.prompt)
-    timer = ingress.metrics.timer("responses", getattr(raw.state, "arrival", time.monotonic()))
-    fanout = Fanout(ingress.client, [Job(0, plan.prompt_ids, plan.params, run.response.id)])
-    if not await start_unless_disconnected(raw, fanout):
-        return Response(status_code=499)
-    if request.stream:
-        body = sse_body(stream_events(run, fanout, store, timer, raw), raw,
-                        ingress.settings.retry_after_s,
-                        lambda: timer.finish(run.prompt_tokens, run.choice.completion_tokens),
-                        done="")
-        return EventStream(body, on_close=fanout.close)
-    if not await collect_unless_disconnected(
-            raw, fanout, collect(run, fanout, timer),
-            lambda: timer.finish(run.prompt_tokens, run.choice.completion_tokens)):
-        return Response(status_code=499)
-    run.finish()
-    await run.save(store)
-    raw.state.finish_reason = run.choice.streamed_finish_reason()
-    return JSONResponse(run.response.wire())
-
-
-async def collect(run: ResponseRun, fanout: Fanout, timer: GenerationTimer) -> None:
-    async for index, out in fanout.outputs():
-        timer.observe(index, out)
-        run.advance(out)
+    return await run_generation(ingress, raw, run, request.stream)
 
 
 def sse(payload: dict) -> str:
     return f"event: {payload['type']}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-async def stream_events(run: ResponseRun, fanout: Fanout, store: ResponseStore,
-                        timer: GenerationTimer, raw: Request) -> AsyncGenerator[str, None]:
-    """Named events numbered from 0; a failure after the start ends it as response.failed."""
-    sequence = 0
-
-    def numbered(event: Event) -> str:
-        nonlocal sequence
-        sequence += 1
-        return sse({**event, "sequence_number": sequence - 1})
-
-    def lifecycle(kind: str) -> str:
-        return numbered({"type": f"response.{kind}", "response": run.response.wire()})
-
-    yield lifecycle("created")
-    yield lifecycle("in_progress")
-    try:
-        async for index, out in fanout.outputs():
-            timer.observe(index, out)
-            for event in run.advance(out):
-                yield numbered(event)
-        for event in run.finish():
-            yield numbered(event)
-    except Exception as e:  # noqa: BLE001 - after the stream started, any error is an event
-        for event in run.fail(to_api_error(e, run.ingress.settings.retry_after_s)):
-            yield numbered(event)
-        raw.state.finish_reason = "error"
-        yield lifecycle("failed")
-        return
-    await run.save(store)
-    raw.state.finish_reason = run.choice.streamed_finish_reason()
-    yield lifecycle(run.response.status)
 
 
 async def get_response(store: ResponseStore, response_id: str) -> JSONResponse:

@@ -107,6 +107,7 @@ class DyingClient:
 
     def __init__(self, inner) -> None:
         self.inner, self.config, self.tokenizer = inner, inner.config, inner.tokenizer
+        self.max_choices = inner.max_choices
         self.abort, self.stats, self.is_alive = inner.abort, inner.stats, inner.is_alive
 
     async def generate(self, prompt_token_ids, params, request_id):

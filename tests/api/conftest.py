@@ -29,7 +29,7 @@ def server(engine):
 
 @pytest.fixture(scope="session")
 def model_name(engine) -> str:
-    return engine.config.served_model_name
+    return engine.config.model_name
 
 
 @pytest.fixture(scope="module")

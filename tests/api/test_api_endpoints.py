@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.openapi import openapi_document
-
 pytestmark = pytest.mark.slow
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -23,7 +21,7 @@ def test_tokenize_round_trip_and_chat_prompt_count(http, engine):
     tokenized = http.post("/tokenize", json={"prompt": text}).json()
     assert tokenized["tokens"] == engine.tokenizer.encode(text)
     assert tokenized["count"] == len(tokenized["tokens"])
-    assert tokenized["max_model_len"] == engine.config.max_model_len
+    assert tokenized["max_model_len"] == engine.config.context_len
     assert http.post("/detokenize", json={"tokens": tokenized["tokens"]}).json() == \
         {"prompt": text}
     chat = http.post("/tokenize", json={"messages": MESSAGES}).json()
@@ -42,7 +40,9 @@ def test_health(http):
 
 def test_openapi_document_is_served_and_lists_every_endpoint(http):
     document = http.get("/openapi.json").json()
-    assert document == openapi_document()
+    assert document["openapi"].startswith("3.")
+    operations = [op for path in document["paths"].values() for op in path.values()]
+    assert operations and all("422" not in op["responses"] for op in operations)  # always 400
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses",
                  "/v1/responses/{response_id}", "/v1/models", "/tokenize", "/detokenize"):
         assert path in document["paths"], path

@@ -5,7 +5,7 @@ import pytest
 from families import template_text
 
 from app.parsers.registry import UnknownParserError, choose_parsers
-from app.serve_args import ApiArgs
+from app.settings import ApiConfig
 
 TOOLS_TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}{{ tools | tojson }}"
 
@@ -43,7 +43,7 @@ def test_serve_args_override():
     with pytest.raises(UnknownParserError):
         choose_parsers("llama", "", "pythonic")
     with pytest.raises(ValueError):
-        ApiArgs(tool_parser="pythonic")
+        ApiConfig(tool_parser="pythonic")
 
 
 def test_per_request_parsers():

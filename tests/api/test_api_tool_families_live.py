@@ -87,7 +87,7 @@ def test_family_tool_call_end_to_end(name, family_server):
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     extra = {k: body[k] for k in ("structured_outputs", "logit_bias")}
-    with client.chat.completions.stream(model=engine.config.served_model_name,
+    with client.chat.completions.stream(model=engine.config.model_name,
                                         messages=MESSAGES, tools=[WEATHER_TOOL], temperature=0,
                                         max_tokens=100, extra_body=extra) as stream:
         final = stream.get_final_completion()

@@ -112,3 +112,27 @@ async def test_concurrent_requests_share_steps(engine):
                                             ignore_eos=True), f"c{i}") for i in range(4)])
     assert all(r[-1].completion_tokens == 10 for r in results)
     assert engine.step_count - start < 4 * 10  # batched, not one request after another
+
+
+async def test_a_schema_is_compiled_once_off_the_event_loop_and_engine_thread(engine,
+                                                                             monkeypatch):
+    import json
+    import threading
+
+    from workers.engine.grammar import GrammarCompiler
+
+    threads: list[str] = []
+    compile_schema = GrammarCompiler.compile
+
+    def spy(self, schema=None, ebnf=None):
+        threads.append(threading.current_thread().name)
+        return compile_schema(self, schema, ebnf)
+
+    monkeypatch.setattr(GrammarCompiler, "compile", spy)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    ids = engine.tokenizer.encode("A JSON object with a number:")
+    outs = await collect(engine, ids, SamplingParams(temperature=0, max_tokens=24,
+                                                     json_schema=schema), "schema")
+    assert isinstance(json.loads("".join(o.text for o in outs))["n"], int)
+    assert len(threads) == 1
+    assert threads[0] not in (threading.current_thread().name, "pagoda-engine")

@@ -223,8 +223,12 @@ def test_bad_input_raises_typed_errors_and_leaves_engine_clean(llm):
         engine.add_request("long", [1] * 1024, SamplingParams())
     with pytest.raises(ContextLengthError, match="max_tokens|1000"):
         engine.add_request("big", [1] * 100, SamplingParams(max_tokens=1000))
-    with pytest.raises(InvalidRequestError, match="vocabulary"):
-        engine.add_request("vocab", [10**9], SamplingParams())
+    for param, params in (("prompt", SamplingParams()),
+                          ("logit_bias", SamplingParams(logit_bias={engine.vocab_size: 1.0})),
+                          ("stop_token_ids", SamplingParams(stop_token_ids=[-1]))):
+        with pytest.raises(InvalidRequestError, match="vocabulary") as error:
+            engine.add_request(param, [10**9] if param == "prompt" else [1], params)
+        assert error.value.param == param
     with pytest.raises(InvalidRequestError):
         SamplingParams(temperature=3)
     assert not engine.has_unfinished() and not engine.seqs

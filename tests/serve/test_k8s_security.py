@@ -128,7 +128,7 @@ def test_pods_run_as_the_images_non_root_user(name, doc):
 
 @pytest.mark.parametrize("name,doc", rayservices(), **IDS)
 def test_the_model_volume_is_read_only(name, doc):
-    models = [args.model for args in serve_args(doc)]
+    models = [args.engine.model for args in serve_args(doc)]
     for group_name, group in pod_groups(doc)[1:]:
         volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
         for mount in ray_container(group)["volumeMounts"]:
@@ -141,7 +141,7 @@ def test_the_model_volume_is_read_only(name, doc):
 @pytest.mark.parametrize("name,doc", rayservices(), **IDS)
 def test_worker_resources_match_the_engine_config(name, doc):
     for args in serve_args(doc):
-        model = next(k for k in PARAMETERS if k in (args.served_model_name or args.model))
+        model = next(k for k in PARAMETERS if k in args.engine.model_name)
         assert args.engine.dtype in ("bfloat16", "float16")
         # each rank holds its share of the weights and kv_cache_memory_gb of KV cache
         weights = PARAMETERS[model] * 2 / ranks(args)

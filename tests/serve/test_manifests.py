@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 
 import jsonschema
@@ -24,7 +25,7 @@ from k8s_manifests import (
 )
 from ray.serve.schema import ServeDeploySchema
 
-from app.serve_args import ApiArgs, EngineArgs, PagodaArgs, cpu_plan, machine_cores
+from app.serve_args import PagodaArgs, cpu_plan, machine_cores
 from app.settings import Settings
 from workers.engine.config import EngineConfig
 
@@ -84,7 +85,7 @@ def test_gpu_replicas_fit_the_gpu_worker_groups(name, doc):
 
 @pytest.mark.parametrize("name,doc", rayservices(), ids=lambda v: v if isinstance(v, str) else "")
 def test_model_folder_is_on_a_mounted_volume_of_the_gpu_workers(name, doc):
-    models = [args.model for args in serve_args(doc)]
+    models = [args.engine.model for args in serve_args(doc)]
     for group_name, group in pod_groups(doc)[1:]:
         spec = group["template"]["spec"]
         volumes = {v["name"] for v in spec["volumes"]}
@@ -107,12 +108,25 @@ def test_cpu_config_fits_two_cores():
     needed = args.replicas.max_replicas * args.replicas.num_cpus \
         + args.ingress.num_replicas * args.ingress.num_cpus
     assert needed <= 2
-    assert os.path.normpath(args.model) == "models/smollm2-135m-instruct"
+    assert os.path.normpath(args.engine.model) == "models/smollm2-135m-instruct"
 
 
-def test_engine_and_api_args_name_real_config_fields():
-    assert set(EngineArgs.model_fields) <= {f.name for f in dataclasses.fields(EngineConfig)}
-    assert set(ApiArgs.model_fields) <= set(Settings.model_fields)
+def test_args_sections_are_the_engine_and_api_configs():
+    args = PagodaArgs.model_validate({"model": "/m/llama", "served_model_name": "llama",
+                                      "engine": {"block_size": 8}})
+    assert isinstance(args.engine, EngineConfig) and args.engine.model == "/m/llama"
+    assert args.engine.model_name == "llama" and args.engine.block_size == 8
+    assert PagodaArgs.model_validate(args.model_dump(mode="json")) == args
+    with pytest.raises(ValueError):  # the key only comes from the environment
+        PagodaArgs.model_validate({"api": {"api_key": "secret"}})
+
+
+def test_settings_take_the_environment_under_the_args(monkeypatch):
+    monkeypatch.setenv("PAGODA_MAX_N", "7")
+    monkeypatch.setenv("PAGODA_LOG_PROMPTS", "true")
+    args = PagodaArgs.model_validate({"api": {"max_n": 3}})
+    settings = Settings.of(pickle.loads(pickle.dumps(args)).api)  # as the ingress gets them
+    assert (settings.max_n, settings.log_prompts) == (3, True)
 
 
 def test_args_reject_typos_and_bad_bounds():

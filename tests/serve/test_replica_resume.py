@@ -94,7 +94,7 @@ def resuming(engine):
 
     def serve(losses: dict[int, int], how: str = "engine", max_resumes: int = 3):
         handle = Handle(engine, losses, how)
-        client = ReplicaClient(handle, engine.config, engine.tokenizer, max_resumes=max_resumes)
+        client = ReplicaClient(handle, engine.config, engine.tokenizer, None, max_resumes)
         client.is_alive, client.stats = engine.is_alive, engine.stats
         servers.append(LiveServer(build_app(client, Settings())))
         return servers[-1].url, handle

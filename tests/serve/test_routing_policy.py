@@ -228,4 +228,4 @@ def test_the_replica_client_is_an_engine_client():
     from workers.router.replica_client import ReplicaClient
 
     handle = type("Handle", (), {"options": lambda self, **kw: self})()
-    assert isinstance(ReplicaClient(handle, None, None), EngineClient)
+    assert isinstance(ReplicaClient(handle, None, None, None, 3), EngineClient)

@@ -39,6 +39,7 @@ class AsyncLLMEngine:
         self.engine = LLMEngine(config, **engine_kwargs)
         self.config = config
         self.tokenizer = self.engine.tokenizer
+        self.max_choices: int | None = config.max_choices
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -59,12 +60,13 @@ class AsyncLLMEngine:
         if self._stats["num_waiting"] >= self.config.max_waiting_requests:
             raise QueueFullError(f"{self._stats['num_waiting']} requests are waiting; "
                                  "try again shortly.")
+        compiled = None
         if params.json_schema is not None or params.grammar is not None:
-            # compile here so a bad schema or grammar is a 400, not a fault
-            self.engine.grammar_compiler.matcher(params.json_schema, params.grammar)
+            # off the event loop and the engine thread; a bad schema is this caller's 400
+            compiled = await asyncio.to_thread(self.engine.compile_grammar, params)
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        self._send(("add", request_id, list(prompt_token_ids), params))
+        self._send(("add", request_id, list(prompt_token_ids), params, compiled))
         finished = False
         error: BaseException | None = None  # drained behind outputs; raised after them
         try:
@@ -140,7 +142,7 @@ class AsyncLLMEngine:
             kind, request_id = command[0], command[1]
             if kind == "add":
                 try:
-                    self.engine.add_request(request_id, command[2], command[3])
+                    self.engine.add_request(request_id, *command[2:])
                 except Exception as e:  # noqa: BLE001 - the caller gets it, the loop lives on
                     self._deliver_error(request_id, e)
             elif kind == "abort":

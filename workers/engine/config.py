@@ -1,73 +1,88 @@
-"""Engine configuration, validated once at construction."""
+"""Engine configuration: the `engine:` section of the Serve args and what `LLM(...)` takes.
+
+Validation never touches the model folder (a config is checked where `serve run` runs, which
+may lack it); the folder's `config.json` is read on first use of `hf_config` or `context_len`.
+"""
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_MODEL = os.environ.get("PAGODA_MODEL", "models/smollm2-135m-instruct")
 
 
-@dataclass
-class EngineConfig:
-    model: str = DEFAULT_MODEL
-    served_model_name: str | None = None
-    dtype: str = "auto"  # auto: workers/dtype.py (bfloat16 where the device runs it natively)
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = DEFAULT_MODEL  # an HF-format folder on every node that runs the engine
+    served_model_name: str | None = None  # None: the model folder's name
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: workers/dtype.py
     device: str = "auto"  # auto: cuda when available
-    attention_backend: str = "auto"  # auto | torch | cpu | triton | flash
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    attention_backend: Literal["auto", "torch", "cpu", "triton", "flash"] = "auto"
+    block_size: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)  # None: derived from kv_cache_memory_gb
+    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=1)  # None: the model's own limit (context_len)
     enable_prefix_caching: bool = True
-    max_waiting_requests: int = 1024
+    max_waiting_requests: int = Field(1024, ge=0)
     cuda_graphs: bool = True
-    num_threads: int | None = None  # CPU matmul threads; None: every core (Ray would give 1)
-    tensor_parallel_size: int = 1  # devices that split every layer (one node)
-    pipeline_parallel_size: int = 1  # stages of consecutive layers (may span nodes)
+    num_threads: int | None = Field(None, ge=1)  # CPU matmul threads; None: every core
+    tensor_parallel_size: int = Field(1, ge=1)  # devices that split every layer (one node)
+    pipeline_parallel_size: int = Field(1, ge=1)  # stages of consecutive layers (may span nodes)
     seed: int = 0
     # testing aid, off by default: a prompt containing this text raises inside the engine step
     fault_marker: str | None = None
-    hf_config: dict = field(default_factory=dict, repr=False)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def check(self) -> EngineConfig:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        return self
+
+    @cached_property
+    def hf_config(self) -> dict[str, Any]:
         if not os.path.isdir(self.model):
             raise ValueError(f"model folder {self.model!r} does not exist; run `make model`")
         with open(os.path.join(self.model, "config.json")) as f:
-            self.hf_config = json.load(f)
-        if self.served_model_name is None:
-            self.served_model_name = os.path.basename(os.path.normpath(self.model))
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if self.attention_backend not in ("auto", "torch", "cpu", "triton", "flash"):
-            raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"unknown dtype {self.dtype!r}")
-        limit = self.hf_config.get("max_position_embeddings", 2048)
+            config: dict[str, Any] = json.load(f)
+        return config
+
+    @cached_property
+    def context_len(self) -> int:
+        """Prompt plus output tokens of one request: max_model_len, within the model's limit."""
+        limit: int = self.hf_config.get("max_position_embeddings", 2048)
         window = self.hf_config.get("sliding_window")
         if window and self.hf_config.get("use_sliding_window", True):
             limit = min(limit, window)  # full attention equals sliding-window attention up to it
         if self.max_model_len is None:
-            self.max_model_len = limit
-        if not 0 < self.max_model_len <= limit:
+            return limit
+        if self.max_model_len > limit:
             raise ValueError(f"max_model_len must be in [1, {limit}], got {self.max_model_len}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
-        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
-            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        return self.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        """The name clients ask for."""
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
 
     @property
     def world_size(self) -> int:
         """Devices, and ranks, of one replica."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    @cached_property
+    @property
     def max_blocks_per_seq(self) -> int:
-        return -(-self.max_model_len // self.block_size)
+        return -(-self.context_len // self.block_size)
+
+    @property
+    def max_choices(self) -> int:
+        """Requests one engine holds at once, running or waiting."""
+        return self.max_num_seqs + self.max_waiting_requests

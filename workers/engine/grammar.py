@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 import torch
 import xgrammar as xgr
@@ -12,6 +13,7 @@ import xgrammar as xgr
 from workers.engine.errors import InvalidRequestError
 
 logger = logging.getLogger("pagoda.engine")
+CACHE_BYTES = 256 * 2**20  # compiled grammars kept for reuse
 
 # xgrammar prefixes its messages with a time and its C++ source location
 SOURCE_PREFIX = re.compile(r"^\s*(\[[0-9:]+\]\s*)?\S+\.(cc|h|cpp|py):\d+:\s*")
@@ -28,34 +30,23 @@ def schema_problem(error: Exception) -> str:
 
 
 class GrammarCompiler:
-    """Compiles and caches JSON-schema and EBNF grammars for one tokenizer."""
+    """Compiles JSON-schema and EBNF grammars for one tokenizer. xgrammar's compiler caches
+    them and may be called from several threads at once."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=stop_token_ids)
-        self.compiler = xgr.GrammarCompiler(info)
-        self.vocab_size = vocab_size
-        self._cache: dict[str, xgr.CompiledGrammar] = {}
+        self.compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
 
-    def _compile(self, schema: dict | None, ebnf: str | None) -> xgr.CompiledGrammar:
-        # the cache key only: a schema's fields keep their order
-        key = json.dumps(schema, sort_keys=True) if ebnf is None else f"ebnf:{ebnf}"
-        if key not in self._cache:
-            if len(self._cache) >= 128:
-                self._cache.pop(next(iter(self._cache)))
-            if ebnf is not None:
-                self._cache[key] = self.compiler.compile_grammar(ebnf)
-            elif schema == {"type": "object"}:
-                self._cache[key] = self.compiler.compile_builtin_json_grammar()
-            else:
-                self._cache[key] = self.compiler.compile_json_schema(json.dumps(schema),
-                                                                     any_whitespace=False)
-        return self._cache[key]
-
-    def matcher(self, schema: dict | None = None, ebnf: str | None = None) -> Grammar:
-        """The grammar state of a sequence constrained by a JSON schema or an EBNF grammar."""
+    def compile(self, schema: dict | None = None, ebnf: str | None = None
+                ) -> xgr.CompiledGrammar:
+        """The grammar of a request constrained by a JSON schema or an EBNF grammar."""
         try:
-            compiled = self._compile(schema, ebnf)
+            if ebnf is not None:
+                return self.compiler.compile_grammar(ebnf)
+            if schema == {"type": "object"}:
+                return self.compiler.compile_builtin_json_grammar()
+            return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
         except Exception as e:  # xgrammar raises several types for unsupported grammars
             if ebnf is not None:
                 logger.info("grammar rejected by the grammar compiler: %s", e)
@@ -64,14 +55,13 @@ class GrammarCompiler:
             logger.info("JSON schema rejected by the grammar compiler: %s", e)
             raise InvalidRequestError(f"The JSON schema cannot be used: {schema_problem(e)}.",
                                       param="response_format") from e
-        return Grammar(xgr.GrammarMatcher(compiled), self.vocab_size)
 
 
 class Grammar:
     """The grammar state of one sequence."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, vocab_size: int) -> None:
-        self.matcher = matcher
+    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int) -> None:
+        self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
     def mask_logits(self, logits: torch.Tensor) -> None:

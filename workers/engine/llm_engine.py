@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer
@@ -21,6 +23,11 @@ from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
 from workers.engine.worker import ProcessWorkers, Workers
 
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
+
+    from workers.engine.grammar import GrammarCompiler
+
 log = logging.getLogger("pagoda.engine")
 
 
@@ -28,6 +35,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig,
                  start_workers: Callable[[EngineConfig], Workers] = ProcessWorkers) -> None:
         self.config = config
+        self.max_model_len = config.context_len  # reads and checks the model folder first
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         # split over devices: this process is rank 0, the other ranks run in workers
         self.workers = start_workers(config) if config.world_size > 1 else None
@@ -45,7 +53,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
-        self._grammar = None  # GrammarCompiler, built on the first constrained request
+        self._grammar: GrammarCompiler | None = None  # built on the first constrained request
+        self._grammar_lock = threading.Lock()
         self.seqs: dict[str, Sequence] = {}
         self.faults = FaultInjector(config.fault_marker, self.tokenizer)
         self.failed: list[tuple[str, Exception]] = []  # (request id, error) of the last step
@@ -58,51 +67,50 @@ class LLMEngine:
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return ids
 
-    @property
-    def grammar_compiler(self):
-        if self._grammar is None:
-            from workers.engine.grammar import GrammarCompiler  # xgrammar is only needed here
+    def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
+        """The request's compiled constraint, if it has one; safe to call from any thread."""
+        if params.json_schema is None and params.grammar is None:
+            return None
+        with self._grammar_lock:
+            if self._grammar is None:
+                from workers.engine.grammar import GrammarCompiler  # xgrammar is only needed here
 
-            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size,
-                                            sorted(self.eos_token_ids))
-        return self._grammar
+                self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size,
+                                                sorted(self.eos_token_ids))
+        return self._grammar.compile(params.json_schema, params.grammar)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise a typed error if the request cannot be served; changes no state."""
-        limit = self.config.max_model_len
-        n = len(prompt_token_ids)
-        if n == 0:
+        if not prompt_token_ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
-        if n >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt "
-                f"has {n} tokens, leaving no room for output.", param="messages")
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
-                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
         prior = params.prior_output.token_ids if params.prior_output is not None else []
-        if n + len(prior) >= limit:
-            raise ContextLengthError(f"This model's maximum context length is {limit} tokens; "
-                                     "the resumed request has no room left.", param="max_tokens")
-        bad = [t for t in list(prompt_token_ids) + prior if not 0 <= t < self.vocab_size]
-        bad += [t for t in list(params.logit_bias) + params.stop_token_ids
-                if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {self.vocab_size}).", param="prompt")
+        n, limit = len(prompt_token_ids), self.max_model_len
+        if n + len(prior) >= limit:  # a resumed request's output so far counts as prompt
+            raise ContextLengthError(limit, n + len(prior))
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ContextLengthError(limit, n, params.max_tokens)
+        for param, ids in (("prompt", list(prompt_token_ids) + prior),
+                           ("logit_bias", params.logit_bias),
+                           ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(f"Token id {bad} is outside the vocabulary "
+                                          f"[0, {self.vocab_size}).", param)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, compiled: CompiledGrammar | None = None) -> None:
+        """`compiled`: the request's grammar from `compile_grammar`, when compiled already."""
         if request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already running.")
         self.validate(prompt_token_ids, params)
+        compiled = compiled or self.compile_grammar(params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        if params.json_schema is not None or params.grammar is not None:
-            seq.grammar = self.grammar_compiler.matcher(params.json_schema, params.grammar)
+        if compiled is not None:
+            from workers.engine.grammar import Grammar
+
+            seq.grammar = Grammar(compiled, self.vocab_size)
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
         if params.prior_output is not None:
@@ -221,7 +229,7 @@ class LLMEngine:
             finish = "stop"
         if finish is None and ((params.max_tokens is not None and
                                 seq.num_output_tokens >= params.max_tokens) or
-                               seq.num_tokens >= self.config.max_model_len):
+                               seq.num_tokens >= self.max_model_len):
             finish = "length"
         if finish is not None:
             self._finish(seq, finish)

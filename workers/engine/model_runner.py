@@ -89,7 +89,7 @@ class ModelRunner:
         self.broken = False  # a step across ranks failed: the group cannot be used again
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches,
-            GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.max_model_len),
+            GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.context_len),
             self.device, enabled=config.cuda_graphs and self.backend.name != "torch"
             and self.ctx.pp_size == 1)
         self.graphs.capture()

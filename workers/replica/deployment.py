@@ -26,11 +26,10 @@ from workers.replica.metrics import ReplicaMetrics
 @serve.deployment(name="ModelReplica")  # options and router: ReplicaArgs, in app/serve_app.py
 class ModelReplica:
     # Serve awaits an async constructor; mypy only knows synchronous ones
-    async def __init__(self, engine_config: dict, report_interval_s: float) -> None:  # type: ignore[misc]
+    async def __init__(self, config: EngineConfig, report_interval_s: float) -> None:  # type: ignore[misc]
         from workers.engine.async_engine import AsyncLLMEngine  # torch loads on replicas only
         from workers.replica.worker_actor import RayWorkers
 
-        config = EngineConfig(**engine_config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # split over devices, this actor is rank 0 and the other ranks are its worker actors
         self.engine = AsyncLLMEngine(
@@ -40,7 +39,7 @@ class ModelReplica:
             "engine: dtype %s (%s), attention backend %s, threads %s",
             str(runner.dtype).removeprefix("torch."), runner.dtype_reason, runner.backend.name,
             config.num_threads or "all cores")
-        self.metrics = ReplicaMetrics(model=config.served_model_name, replica=self.replica_id)
+        self.metrics = ReplicaMetrics(model=config.model_name, replica=self.replica_id)
         self.num_requests = 0
         self.reporter = LoadReporter(self.replica_id, config.block_size, self.read_stats,
                                      interval_s=report_interval_s)

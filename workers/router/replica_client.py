@@ -77,10 +77,11 @@ class ReplicaClient:
     """The `app.engine_client.EngineClient` of model replicas, through a DeploymentHandle."""
 
     def __init__(self, handle: Any, config: EngineConfig, tokenizer: Any,
-                 max_resumes: int = 3) -> None:
+                 max_choices: int | None, max_resumes: int) -> None:
         self.handle = handle.options(stream=True, method_name="generate")
         self.config = config
         self.tokenizer = tokenizer
+        self.max_choices = max_choices
         self.max_resumes = max_resumes
         self.num_resumes = 0
         self.in_flight: dict[str, Any] = {}  # request id -> DeploymentResponseGenerator
