@@ -61,7 +61,7 @@ async def run_generation(ingress: Ingress, raw: Request, gen: Generation, stream
         timer.finish(gen.prompt_tokens, gen.completion_tokens())
 
     if stream:
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncGenerator[str, None]:
             inner = gen.events(observed())
             async with contextlib.aclosing(inner):
                 async for item in inner:
