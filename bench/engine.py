@@ -10,6 +10,7 @@ replica split over N x M ranks against one rank (bench/parallel.py).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -43,15 +44,19 @@ def make_prompts(tokenizer, num: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str) -> dict:
+def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
+               quantization: str | None = None) -> dict:
     llm = LLM(EngineConfig(model=model, device=device, max_num_seqs=len(prompts), dtype=dtype,
-                           max_num_batched_tokens=4096, max_model_len=2048))
+                           max_num_batched_tokens=4096, max_model_len=2048,
+                           quantization=quantization))
     llm.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm-up
     engine = llm.engine
     runner = engine.runner
-    peak, bandwidth = matmul_peak(runner.dtype, device), copy_bandwidth(device)
+    fp8 = quantization == "fp8"
+    peak, bandwidth = matmul_peak(runner.dtype, device, fp8), copy_bandwidth(device)
     recorder = StepRecorder()
     recorder.attach(runner)
+    replays_before = runner.graphs.replays
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{i}", p, params)
@@ -63,14 +68,25 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str) ->
         forward += engine.last_step_time
         other += engine.last_schedule_time
     elapsed = time.perf_counter() - start
+    linear_itemsize = 1 if fp8 and device != "cpu" else None  # CPU multiplies dequantized
     roofline = roofline_seconds(recorder.steps, runner.model_config, runner.dtype.itemsize,
-                                peak, bandwidth)
-    return {"tok_s": tokens / elapsed, "elapsed": elapsed, "tokens": tokens,
-            "roofline_s": roofline, "peak": peak, "bandwidth": bandwidth,
-            "backend": runner.backend.name,
-            "outside_forward": other / (forward + other),
-            "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
-            "preemptions": engine.scheduler.num_preemptions}
+                                peak, bandwidth, linear_itemsize)
+    decode_steps = sum(any(n == 1 and c > 0 for n, c, _ in rows) for rows in recorder.steps)
+    result = {"tok_s": tokens / elapsed, "elapsed": elapsed, "tokens": tokens,
+              "roofline_s": roofline, "peak": peak, "bandwidth": bandwidth,
+              "backend": runner.backend.name, "quantization": quantization or "none",
+              "outside_forward": other / (forward + other),
+              "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
+              "num_kv_blocks": runner.num_blocks, "steps": len(recorder.steps),
+              "decode_steps": decode_steps,
+              "graph_steps": runner.graphs.replays - replays_before,
+              "preemptions": engine.scheduler.num_preemptions}
+    engine.close()
+    del llm, engine, runner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next engine sizes its KV cache from free memory
+    return result
 
 
 def bench_hf(model: str, prompts, max_tokens: int, batch: int, device: str, dtype: str) -> dict:
@@ -98,7 +114,7 @@ def random_note(model: str) -> str:
             "ignored, speed does not depend on weight values.\n") if like else ""
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
     parser.add_argument("--requests", type=int, default=64)
@@ -108,41 +124,62 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default=None,
                         help="comma-separated; default float32,bfloat16 on CPU, bfloat16 on GPU")
+    parser.add_argument("--quantization", default="none",
+                        help="comma-separated, each run in every dtype: none, fp8")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers runs")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--no-results", action="store_true",
+                        help="leave bench/RESULTS.md alone")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.tp * args.pp > 1:
         from bench.parallel import bench_parallel
         bench_parallel(args.model, args.tp, args.pp, args.device)
         return
     dtypes = (args.dtypes or ("bfloat16" if args.device == "cuda" else "float32,bfloat16")
               ).split(",")
+    variants = [(d, q) for q in args.quantization.split(",") for d in dtypes]
     user_dtype = "bfloat16" if args.device == "cuda" else "float32"
     from transformers import AutoTokenizer
     prompts = make_prompts(AutoTokenizer.from_pretrained(args.model), args.requests)
-    ours = {d: bench_ours(args.model, prompts, args.max_tokens, args.device, d) for d in dtypes}
-    sequential = bench_hf(args.model, prompts[:args.sequential_requests], args.max_tokens, 1,
-                          args.device, user_dtype)
-    static = {d: bench_hf(args.model, prompts[:32], args.max_tokens, 32, args.device, d)
-              for d in dtypes}
+    ours = {(d, q): bench_ours(args.model, prompts, args.max_tokens, args.device, d,
+                               None if q == "none" else q) for d, q in variants}
+    sequential, static = None, {}
+    if not args.no_hf:
+        sequential = bench_hf(args.model, prompts[:args.sequential_requests], args.max_tokens,
+                              1, args.device, user_dtype)
+        static = {d: bench_hf(args.model, prompts[:32], args.max_tokens, 32, args.device, d)
+                  for d in dtypes}
     rows = []
-    for d, r in ours.items():
-        roof_tok_s = r["tokens"] / r["roofline_s"]
-        rows.append([f"Pagoda engine ({r['backend']} attention)", d, args.requests,
-                     f"{r['tok_s']:.1f}", f"{roof_tok_s:.0f}", f"{r['tok_s'] / roof_tok_s:.0%}",
-                     f"{r['tok_s'] / sequential['tok_s']:.1f}x",
-                     f"{r['tok_s'] / static[d]['tok_s']:.1f}x"])
-    rows.append(["HF generate, sequential", user_dtype, args.sequential_requests,
-                 f"{sequential['tok_s']:.1f}", "", "", "", ""])
+    for (d, q), r in ours.items():
+        r["roofline_tok_s"] = r["tokens"] / r["roofline_s"]
+        r["of_roofline"] = r["tok_s"] / r["roofline_tok_s"]
+        rows.append([f"Pagoda engine ({r['backend']} attention)", d, q, args.requests,
+                     f"{r['tok_s']:.1f}", f"{r['roofline_tok_s']:.0f}",
+                     f"{r['of_roofline']:.0%}", f"{r['outside_forward']:.1%}",
+                     r["preemptions"], f"{r['graph_steps']}/{r['decode_steps']}",
+                     f"{r['tok_s'] / sequential['tok_s']:.1f}x" if sequential else "",
+                     f"{r['tok_s'] / static[d]['tok_s']:.1f}x" if static else ""])
+    if sequential:
+        rows.append(["HF generate, sequential", user_dtype, "none", args.sequential_requests,
+                     f"{sequential['tok_s']:.1f}"] + [""] * 7)
     for d, r in static.items():
-        rows.append(["HF generate, static batch 32", d, 32, f"{r['tok_s']:.1f}", "", "", "", ""])
-    table = markdown_table(["system", "dtype", "requests", "output tok/s", "roofline tok/s",
-                            "of roofline", f"vs HF sequential ({user_dtype})",
+        rows.append(["HF generate, static batch 32", d, "none", 32, f"{r['tok_s']:.1f}"]
+                    + [""] * 7)
+    table = markdown_table(["system", "dtype", "quantization", "requests", "output tok/s",
+                            "roofline tok/s", "of roofline", "outside forward", "preemptions",
+                            "decode steps in CUDA graphs", f"vs HF sequential ({user_dtype})",
                             "vs HF static 32 (same dtype)"], rows)
     limits = "\n".join(
-        f"- {d}: matmul peak {r['peak'] / 1e9:.0f} GFLOP/s, copy bandwidth "
-        f"{r['bandwidth'] / 1e9:.1f} GB/s ({torch.get_num_threads()} threads; measured in this "
-        "run)" for d, r in ours.items())
+        f"- {d}{'' if q == 'none' else ' ' + q}: matmul peak {r['peak'] / 1e9:.0f} GFLOP/s, "
+        f"copy bandwidth {r['bandwidth'] / 1e9:.1f} GB/s ({torch.get_num_threads()} threads; "
+        f"measured in this run), KV cache {r['num_kv_blocks']} blocks"
+        for (d, q), r in ours.items())
     first = next(iter(ours.values()))
     dtype, reason = choose_dtype("auto", torch.device(args.device))
     auto_dtype = f"{str(dtype).removeprefix('torch.')} ({reason})"
@@ -150,15 +187,18 @@ def main() -> None:
              f"tokens each (EOS ignored), greedy, model `{os.path.basename(args.model)}` on "
              f"{args.device}.\n{random_note(args.model)}\n"
              "Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V bytes read) / "
-             "copy bandwidth), summed over the steps this run took (`bench/roofline.py`).\n"
+             "copy bandwidth), summed over the steps this run took (`bench/roofline.py`). "
+             "Outside forward: share of engine step time spent scheduling, preparing the batch, "
+             "sampling, detokenizing and checking stops.\n"
              f"{limits}\n- `dtype: auto` here: {auto_dtype}\n"
-             f"- KV cache: {first['kv_bytes_per_token']} bytes per token ({dtypes[0]})\n"
-             f"- share of engine step time outside the model forward (scheduling, batch "
-             f"preparation, detokenization, stop checks): {first['outside_forward']:.1%}\n"
-             f"- preemptions: {first['preemptions']}\n")
+             f"- KV cache: {first['kv_bytes_per_token']} bytes per token ({dtypes[0]})\n")
     print(table + notes)
-    update_section(f"Engine ({args.device}, {os.path.basename(os.path.normpath(args.model))})",
-                   table + notes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{d}/{q}": r for (d, q), r in ours.items()}, f, indent=1)
+    if not args.no_results:
+        update_section(f"Engine ({args.device}, {os.path.basename(os.path.normpath(args.model))})",
+                       table + notes)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import shutil
 import torch
 
 SHAPES = {
+    # two small layers, for checking benchmark scripts on a CPU
+    "tiny": {"pagoda_random_like": "a tiny Llama", "hidden_size": 128, "intermediate_size": 256,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
     # Llama-3.2-1B and Llama-3.1-8B layer shapes; the vocabulary follows the tokenizer
     "llama-1b": {"pagoda_random_like": "Llama-3.2-1B", "hidden_size": 2048,
                  "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,

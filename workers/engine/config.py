@@ -10,9 +10,10 @@ import os
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MODEL = os.environ.get("PAGODA_MODEL", "models/smollm2-135m-instruct")
+CPU_KV_CACHE_GB = 1.0  # the KV cache off CUDA when neither its size nor its blocks are set
 
 
 class EngineConfig(BaseModel):
@@ -25,7 +26,11 @@ class EngineConfig(BaseModel):
     attention_backend: Literal["auto", "torch", "cpu", "triton", "flash"] = "auto"
     block_size: int = Field(16, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)  # None: derived from kv_cache_memory_gb
-    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    # None: on CUDA, what gpu_memory_utilization leaves after weights, activations and graphs;
+    # elsewhere CPU_KV_CACHE_GB (workers/engine/kv_memory.py)
+    kv_cache_memory_gb: float | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # share of the GPU the engine holds
+    quantization: Literal["fp8"] | None = None  # fp8: E4M3 linear weights, quantized at load
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=1)  # None: the model's own limit (context_len)
@@ -38,6 +43,11 @@ class EngineConfig(BaseModel):
     seed: int = 0
     # testing aid, off by default: a prompt containing this text raises inside the engine step
     fault_marker: str | None = None
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _none_means_unquantized(cls, value: Any) -> Any:
+        return None if value == "none" else value
 
     @model_validator(mode="after")
     def check(self) -> EngineConfig:

@@ -22,11 +22,14 @@ decode path must read only the device tensors. On CPU the runner is disabled.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from workers.engine.attention import AttentionMetadata
+
+log = logging.getLogger("pagoda.engine")
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,18 @@ class GraphShape:
 
     @property
     def buckets(self) -> list[int]:
-        """1, 2, 4, 8, then every 8 up to max_num_seqs, which is always the last."""
+        """1, 2, 4, 8, then every 8 up to max_num_seqs, which is always the last: every decode
+        batch the scheduler can form replays a graph, padded by at most 7 rows."""
         sizes = [b for b in (1, 2, 4, 8) if b < self.max_num_seqs]
         sizes += list(range(16, self.max_num_seqs, 8))
         return sizes + [self.max_num_seqs]
+
+    def bucket(self, num_seqs: int) -> int:
+        """The smallest bucket that holds num_seqs sequences."""
+        if not 0 < num_seqs <= self.max_num_seqs:
+            raise ValueError(f"no graph bucket for {num_seqs} sequences "
+                             f"(1..{self.max_num_seqs})")
+        return next(b for b in self.buckets if b >= num_seqs)
 
 
 class CudaGraphRunner:
@@ -55,8 +66,9 @@ class CudaGraphRunner:
         self.pad_slot = pad_slot
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        if not self.enabled:
-            return
+        self.replays = 0  # decode steps run from a graph
+        self.pool_bytes = 0  # device memory the captured graphs took
+        # the static inputs exist on every device, so the padding is checked without a GPU
         n, width, dev = shape.max_num_seqs, shape.max_blocks_per_seq, self.device
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -69,6 +81,7 @@ class CudaGraphRunner:
         """Captures every bucket, largest first so the smaller ones reuse its memory pool."""
         if not self.enabled or self.graphs:
             return
+        free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = None
         for size in reversed(self.shape.buckets):
             meta = self._meta(size)
@@ -82,6 +95,9 @@ class CudaGraphRunner:
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
+        self.pool_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        log.info("CUDA graphs: %d decode batch sizes up to %d, %.2f GiB", len(self.graphs),
+                 self.shape.max_num_seqs, self.pool_bytes / 2**30)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return (bool(self.graphs) and meta.decode_only
@@ -93,8 +109,16 @@ class CudaGraphRunner:
         if not self.can_run(meta):
             raise ValueError("batch cannot replay a graph: needs decode-only, "
                              f"1..{self.shape.max_num_seqs} sequences, captured graphs")
+        size = self.stage(input_ids, positions, meta)
+        self.graphs[size].replay()
+        self.replays += 1
+        return self.outputs[size][:meta.num_seqs]
+
+    def stage(self, input_ids: torch.Tensor, positions: torch.Tensor,
+              meta: AttentionMetadata) -> int:
+        """Copy a decode batch into the static inputs, pad them to its bucket; the bucket."""
         n = meta.num_seqs
-        size = next(b for b in self.shape.buckets if b >= n)
+        size = self.shape.bucket(n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
@@ -104,8 +128,7 @@ class CudaGraphRunner:
         # entries past a row's last block are never read, so stale ones may stay
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
-        self.graphs[size].replay()
-        return self.outputs[size][:n]
+        return size
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(

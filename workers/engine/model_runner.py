@@ -26,6 +26,8 @@ from workers.engine.distributed import (
 )
 from workers.engine.dtype import choose_dtype
 from workers.engine.errors import WorkerGroupError
+from workers.engine.fp8 import quantize_linears
+from workers.engine.kv_memory import blocks_from_free_memory, configured_blocks, log_choice
 from workers.engine.loader import load_weights
 from workers.engine.model import CausalLM, ModelConfig
 from workers.engine.packed_linear import PackedLinear, pack_linears, packing_supported
@@ -76,22 +78,26 @@ class ModelRunner:
         load_weights(model, config.model)
         self.model = model.to(self.dtype).eval()
         self.model.rope_cache = self.model.rope_cache.float()
+        if config.quantization == "fp8":
+            log.info("fp8: %d linear layers quantized to E4M3", quantize_linears(self.model))
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.rank_weight_bytes = self._gather_weight_bytes()
         if packing_supported(self.device, self.dtype):
             pack_linears(self.model)
             if self.model.lm_head is None:  # tied embeddings: pack a copy for the logits
                 self.model.lm_head = PackedLinear(self.model.head_weight)
-        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
-        self.kv_caches = self._allocate_kv()
         self.last_prepare_time = 0.0  # seconds spent flattening the last batch
         self.last_handoff_time = 0.0  # seconds spent handing the last plan to the other ranks
         self.broken = False  # a step across ranks failed: the group cannot be used again
+        graphs = config.cuda_graphs and self.backend.name != "torch" and self.ctx.pp_size == 1
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: CudaGraphRunner | None = None  # captured once the KV cache exists
+        self.num_blocks = self._size_kv_cache(graphs)
+        self.kv_caches = self._allocate_kv()
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches,
             GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.context_len),
-            self.device, enabled=config.cuda_graphs and self.backend.name != "torch"
-            and self.ctx.pp_size == 1)
+            self.device, enabled=graphs)
         self.graphs.capture()
 
     @property
@@ -102,9 +108,14 @@ class ModelRunner:
         kv_heads = c.layout(ctx).kv_heads
         return 2 * layers * kv_heads * c.head_dim * self.dtype.itemsize
 
-    def _blocks_for_budget(self) -> int:
-        per_block = self.kv_bytes_per_token * self.config.block_size
-        return max(1, int(self.config.kv_cache_memory_gb * 2**30 // per_block))
+    def _size_kv_cache(self, graphs: bool) -> int:
+        block_bytes = self.kv_bytes_per_token * self.config.block_size
+        blocks = configured_blocks(self.config, block_bytes, self.device.type == "cuda")
+        how = "configured"
+        if blocks is None:
+            blocks, how = blocks_from_free_memory(self, block_bytes, graphs)
+        log_choice(blocks, self.config.block_size, block_bytes, how)
+        return blocks
 
     def _allocate_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
@@ -194,7 +205,7 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> StepLogits | None:
         """This rank's part of one step; the logits on the driver, None on other ranks."""
         input_ids, positions, meta = self.inputs(plan)
-        if self.graphs.can_run(meta):
+        if self.graphs is not None and self.graphs.can_run(meta):
             return self._logits(self.graphs.run(input_ids, positions, meta), plan)
         # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would
         # leak into the caller's other float code, so it is on only while the forward runs.

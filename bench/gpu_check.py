@@ -1,0 +1,155 @@
+"""The GPU measurements of the engine, as one run that fits a short lease (about 8 minutes).
+
+    OUT=/some/dir python bench/gpu_check.py              # on the GPU machine (bench/gpu_check.sh)
+    OUT=/tmp/check python bench/gpu_check.py --dry-run   # the same stages, tiny, on a CPU
+
+Stages run in order of importance, each under its own time limit and all under one deadline;
+a stage that fails or runs out of time is recorded and the next one starts. Written under $OUT:
+summary.md (each stage's status, seconds and output tail), logs.txt (every stage's whole
+output), engine_{1b,8b}_{none,fp8}.json (bench/engine.py results), triton.json.
+
+The real SmolLM2 comes from the model folder given (`--smollm2`) or, failing that, is converted
+from its GGUF file reassembled from parts (`--gguf-parts`, see bench/gpu_pack.sh); without it
+the stages that need it are skipped. The random 1B/8B models need only its tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Stage:
+    name: str
+    command: list[str]
+    limit_s: int
+    needs_smollm2: bool = False
+
+
+def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
+    py = sys.executable
+    dry = args.dry_run
+    shapes = ["tiny"] if dry else ["llama-1b", "llama-8b"]
+    engine = ["--no-hf", "--no-results"]
+    engine += ["--requests", "4", "--max-tokens", "8", "--dtypes", "float32"] if dry else []
+    plan = [Stage("info", [py, "-c", "import torch, triton; print('torch', torch.__version__, "
+                           "'triton', triton.__version__, 'cuda', torch.cuda.is_available(), "
+                           "torch.cuda.get_device_name(0) if torch.cuda.is_available() else "
+                           "'cpu')"], 30)]
+    for shape in shapes:
+        model = os.path.join(work, shape)
+        tag = shape.removeprefix("llama-")
+        plan.append(Stage(f"random_{tag}", [py, "bench/random_model.py", "--shape", shape,
+                                            "--tokenizer", args.tokenizer, "--out", model], 150))
+        for quantization in ("none", "fp8"):  # one process each: a failure loses one table
+            name = f"engine_{tag}_{quantization}"
+            plan.append(Stage(name, [py, "bench/engine.py", "--model", model, *engine,
+                                     "--quantization", quantization,
+                                     "--json", os.path.join(out, f"{name}.json")],
+                              200 if tag == "8b" else 120))
+    tokens = "2" if dry else "32"
+    plan.append(Stage("triton_bf16", [py, "bench/triton_greedy.py", "--model", smollm2,
+                                      "--dtype", "bfloat16", "--max-tokens", tokens, "--json",
+                                      os.path.join(out, "triton.json")], 120, True))
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
+    collect = ["--collect-only"] if dry else []
+    plan += [Stage("fp8_accuracy", pytest + ["-s", "tests/core/test_fp8_accuracy.py", *collect],
+                   150, True),
+             Stage("kernel_tests", pytest + (["tests/kernel/test_cuda_graph.py"] if dry
+                                             else ["tests/kernel"]), 200),
+             Stage("core_tests", pytest + ["tests/core/test_fp8.py",
+                                           "tests/core/test_kv_memory.py"], 120, True)]
+    return plan
+
+
+def prepare_smollm2(args, work: str) -> str | None:
+    """A SmolLM2 folder: the one given, or one converted from reassembled GGUF parts."""
+    if os.path.exists(os.path.join(args.smollm2, "model.safetensors")):
+        return args.smollm2
+    parts = sorted(glob.glob(os.path.join(args.gguf_parts, "gguf.part*")))
+    if not parts:
+        return None
+    gguf = os.path.join(work, "smollm2.gguf")
+    with open(gguf, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as p:
+                f.write(p.read())
+    wheels = glob.glob(os.path.join(args.wheels, "*.whl"))
+    if wheels:  # the GGUF reader transformers needs; no registry is reachable there
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--target", os.path.join(work, "site"), *wheels], check=True)
+        os.environ["PYTHONPATH"] += os.pathsep + os.path.join(work, "site")
+    folder = os.path.join(work, "smollm2")
+    subprocess.run([sys.executable, "tools/prepare_model.py", "--gguf", gguf, "--out", folder],
+                   check=True, cwd=ROOT, env=os.environ)
+    return folder
+
+
+def run_stage(stage: Stage, seconds: float, log) -> tuple[str, float, str]:
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(stage.command, cwd=ROOT, env=os.environ, capture_output=True,
+                              text=True, timeout=seconds)
+        output, status = done.stdout + done.stderr, "ok" if done.returncode == 0 \
+            else f"failed (exit {done.returncode})"
+    except subprocess.TimeoutExpired as e:  # its output may come back as bytes
+        output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                         for x in (e.stdout, e.stderr))
+        status = f"timed out after {seconds:.0f} s"
+    log.write(f"\n===== {stage.name}: {status}\n$ {' '.join(stage.command)}\n{output}\n")
+    log.flush()
+    return status, time.perf_counter() - start, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU-friendly")
+    parser.add_argument("--budget-s", type=float, default=480, help="all stages together")
+    parser.add_argument("--smollm2", default="models/smollm2-135m-instruct")
+    parser.add_argument("--tokenizer", default="models/smollm2-135m-instruct")
+    parser.add_argument("--gguf-parts", default="/root/pagoda-gpu")
+    parser.add_argument("--wheels", default=".gpu/part2")
+    parser.add_argument("--work", default="/tmp/pagoda-gpu-work", help="models go here")
+    args = parser.parse_args()
+    out = os.environ.get("OUT") or sys.exit("set OUT to the folder for the results")
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    os.environ["PYTHONPATH"] = ROOT
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    if args.dry_run:  # Triton kernels run in its interpreter where there is no GPU
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    deadline = time.perf_counter() + args.budget_s
+    summary = ["# GPU check", "", f"dry run: {args.dry_run}", ""]
+    with open(os.path.join(out, "logs.txt"), "w") as log:
+        try:
+            smollm2 = prepare_smollm2(args, args.work)
+        except subprocess.CalledProcessError as e:
+            smollm2 = None
+            log.write(f"SmolLM2 could not be prepared: {e}\n")
+        summary.append(f"SmolLM2: {smollm2 or 'missing: its stages are skipped'}\n")
+        if smollm2:
+            os.environ["PAGODA_MODEL"] = smollm2
+        for stage in stages(args, args.work, out, smollm2 or args.smollm2):
+            left = deadline - time.perf_counter()
+            if stage.needs_smollm2 and not smollm2:
+                status, took, output = "skipped: no SmolLM2", 0.0, ""
+            elif left < 10:
+                status, took, output = "skipped: out of time", 0.0, ""
+            else:
+                status, took, output = run_stage(stage, min(stage.limit_s, left), log)
+            print(f"{stage.name}: {status} ({took:.0f} s)", flush=True)
+            summary += [f"## {stage.name}: {status} ({took:.0f} s)", "", "```",
+                        output[-4000:].strip(), "```", ""]
+            with open(os.path.join(out, "summary.md"), "w") as f:
+                f.write("\n".join(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()

