@@ -38,6 +38,7 @@ bench: model
 
 lint: install
 	$(VENV)/bin/ruff check app workers kernels bench tests tools
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) models

@@ -42,7 +42,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
             "unknown model or response (404), body too large (413) or not JSON (415)"},
     503: {"model": ErrorResponse, "description": "Overloaded or no replica available"},
 }
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}  # `data: <chunk>` events
+# one server-sent event (OpenAPI 3.2's itemSchema): `data: <chunk>`, or a named event
+SSE = {"text/event-stream": {"itemSchema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}
 
 
 def answers(model: type | None, streams: bool = False) -> dict[int | str, dict[str, Any]]:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -31,7 +31,10 @@ from app.protocol import (
     Usage,
 )
 from app.streaming import DONE, CompletionChunks
-from workers.engine.outputs import RequestOutput
+from workers.engine.outputs import RequestOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
@@ -65,7 +68,8 @@ class CompletionOutput:
                ) -> tuple[str, CompletionLogprobs | None]:
         """The text and logprobs this output adds to the choice (the echo first)."""
         text, part = out.text, None
-        entries, token_ids = list(out.logprobs or []), list(out.token_ids)
+        entries: list[TokenLogprob | None] = list(out.logprobs or [])
+        token_ids = list(out.token_ids)
         if not self.started:
             self.started = True
             if self.echo:
@@ -87,9 +91,14 @@ class CompletionOutput:
         return text, part
 
 
+def is_token_ids(value: object) -> TypeIs[list[int]]:
+    """One prompt given as token ids; pydantic has checked that all elements share a type."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], int)
+
+
 def read_prompts(ingress: Ingress, request: CompletionRequest) -> list[Prompt]:
     raw = request.prompt
-    items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+    items: Sequence[str | list[int]] = [raw] if isinstance(raw, str) or is_token_ids(raw) else raw
     if not items:
         raise bad_request("prompt must not be empty.", "prompt")
     prompts = []

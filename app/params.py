@@ -10,7 +10,13 @@ from typing import Any
 import jsonschema
 
 from app.errors import bad_request
-from app.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest, Tool
+from app.protocol import (
+    ChatCompletionRequest,
+    NamedToolChoice,
+    ResponseFormat,
+    SamplingRequest,
+    Tool,
+)
 from workers.engine.sampling_params import SamplingParams
 
 TOKEN_ID = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: "²" and "１" pass isdigit()
@@ -91,7 +97,7 @@ def chat_schema(request: ChatCompletionRequest) -> dict | None:
     if request.response_format is not None and request.response_format.type != "text":
         raise bad_request("response_format cannot be combined with a forced tool_choice.",
                           "response_format")
-    name = None if choice == "required" else choice.function.name
+    name = choice.function.name if isinstance(choice, NamedToolChoice) else None  # "required"
     if name is not None and name not in {t.function.name for t in request.tools}:
         raise bad_request(f"tool_choice names {name!r}, which is not in tools.", "tool_choice")
     return tool_call_schema(request.tools, name)
@@ -154,7 +160,7 @@ def sampling_params(request: SamplingRequest, *, limits: Limits, max_tokens: int
         seed=request.seed,
         max_tokens=max_tokens,
         min_tokens=request.min_tokens,
-        stop=request.stop or [],
+        stop=[request.stop] if isinstance(request.stop, str) else request.stop or [],
         stop_token_ids=list(request.stop_token_ids or []),
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,

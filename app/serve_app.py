@@ -45,9 +45,13 @@ class PagodaIngress:
 def build_app(args: PagodaArgs | dict[str, Any]) -> Application:
     """Serve application builder (`import_path: app.serve_app:build_app`)."""
     args = args if isinstance(args, PagodaArgs) else PagodaArgs.model_validate(args or {})
-    router = RequestRouterConfig(request_router_class=PagodaRequestRouter,
-                                 request_router_kwargs=args.router_kwargs())
-    replica = ModelReplica.options(
+    # Ray annotates every keyword of RequestRouterConfig as a dict; mypy does not see that
+    # @serve.deployment turns a class into a Deployment, which has `options`
+    router = RequestRouterConfig(
+        request_router_class=PagodaRequestRouter,  # type: ignore[arg-type]
+        request_router_kwargs=args.router_kwargs())
+    replica = ModelReplica.options(  # type: ignore[attr-defined]
         **args.replica_options(), request_router_config=router,
     ).bind(args.engine, args.replicas.report_interval_s)
-    return PagodaIngress.options(**args.ingress.deployment_options()).bind(replica, args)
+    ingress = PagodaIngress.options(**args.ingress.deployment_options())  # type: ignore[attr-defined]
+    return ingress.bind(replica, args)

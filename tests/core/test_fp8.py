@@ -146,6 +146,28 @@ def test_fp8_linear_is_close_to_the_float_linear(dtype):
     assert fp8.weight.dtype == FP8 and fp8.weight.element_size() == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_quantizes_like_the_cpu_and_multiplies_the_quantized_values():
+    """On Hopper this is `_scaled_mm` on FP8 tensor cores, writing bf16."""
+    torch.manual_seed(3)
+    x = torch.randn(7, 256) * torch.logspace(-3, 3, 7)[:, None]
+    cpu_values, cpu_scale = quantize_rows(x)
+    values, scale = quantize_rows(x.cuda())
+    assert torch.equal(values.cpu().view(torch.uint8), cpu_values.view(torch.uint8))
+    assert torch.equal(scale.cpu(), cpu_scale)
+    linear = nn.Linear(256, 96).to("cuda", torch.bfloat16)
+    fp8 = Fp8Linear(linear.weight, linear.bias)
+    assert fp8.use_scaled_mm == (torch.cuda.get_device_capability() >= (9, 0))
+    xb = x.to("cuda", torch.bfloat16)
+    with torch.inference_mode():
+        out = fp8(xb)
+    xv, xs = quantize_rows(xb)
+    weight = dequantize(fp8.weight, fp8.weight_scale.t()).double()
+    exact = dequantize(xv, xs).double() @ weight.t() + linear.bias.double()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max())
+
+
 def test_empty_batch():
     _, fp8 = linear_pair(bias=True)
     for scaled_mm in (False, True):

@@ -28,7 +28,8 @@ def reliability_config() -> dict:
     for autoscaling in ("min_replicas", "max_replicas", "initial_replicas"):
         args["replicas"].pop(autoscaling, None)
     args["replicas"].update(
-        num_replicas=NUM_REPLICAS, target_ongoing_requests=16, max_ongoing_requests=MAX_ONGOING, max_queued_requests=64,
+        num_replicas=NUM_REPLICAS, target_ongoing_requests=16,
+        max_ongoing_requests=MAX_ONGOING, max_queued_requests=64,
         graceful_shutdown_timeout_s=5, health_check_period_s=2)
     args["api"] = {"max_n": MAX_N}
     # the drain test changes the replica count through the controller, as an external scaler

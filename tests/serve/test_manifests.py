@@ -149,9 +149,9 @@ def test_a_fixed_replica_count_turns_autoscaling_off():
     assert "num_replicas" not in PagodaArgs().replicas.deployment_options()
 
 
-@pytest.mark.parametrize("cores,plan", [(1, (1, 1)), (2, (1, 1)), (4, (1, 3)), (9, (1, 8)),
-                                        (16, (2, 7)), (64, (8, 7))])
-def test_cpu_plan_keeps_a_core_for_serving_and_caps_threads(cores, plan):
+@pytest.mark.parametrize("cores,plan", [(1, (1, 1)), (2, (1, 2)), (3, (1, 2)), (4, (1, 3)),
+                                        (9, (1, 8)), (16, (2, 7)), (64, (8, 7))])
+def test_cpu_plan_keeps_a_core_for_serving_from_three_cores_and_caps_threads(cores, plan):
     assert cpu_plan(cores) == plan
 
 

@@ -21,6 +21,7 @@ MESSAGES = [{"role": "user", "content": "Count slowly to one hundred."}]
 def serve_config() -> dict:
     config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
     args = config["applications"][0]["args"]
+    args["engine"]["num_threads"] = 1  # two replicas share the two cores
     args["replicas"].update(min_replicas=1, max_replicas=2, initial_replicas=1,
                             target_ongoing_requests=2, max_ongoing_requests=8,
                             upscale_delay_s=1, downscale_delay_s=8,

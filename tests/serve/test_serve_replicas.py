@@ -26,6 +26,7 @@ MAX_QUEUED = 8  # Serve counts requests still being routed, so bursts need headr
 def serve_config() -> dict:
     config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
     args = config["applications"][0]["args"]
+    args["engine"]["num_threads"] = 1  # two replicas share the two cores
     args["replicas"].update(min_replicas=2, max_replicas=2, initial_replicas=2,
                             target_ongoing_requests=2, max_ongoing_requests=MAX_ONGOING,
                             max_queued_requests=MAX_QUEUED)

@@ -24,8 +24,8 @@ from workers.engine.fault_injection import FaultInjector
 from workers.engine.in_flight import InFlight, needs_history
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestOutput, request_output
-from workers.engine.sampler import Sampler
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampler import Sampler, SamplerOutput
+from workers.engine.sampling_params import PriorOutput, SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
 from workers.engine.worker import ProcessWorkers, Workers
@@ -47,7 +47,8 @@ class LLMEngine:
         # split over devices: this process is rank 0, the other ranks run in workers
         self.workers = start_workers(config) if config.world_size > 1 else None
         try:
-            self.runner = ModelRunner(config, 0, self.workers and self.workers.init_method)
+            self.runner = ModelRunner(
+                config, 0, self.workers.init_method if self.workers is not None else None)
         except BaseException:
             if self.workers is not None:
                 self.workers.stop()
@@ -122,15 +123,14 @@ class LLMEngine:
         seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                       params.skip_special_tokens)
         if params.prior_output is not None:
-            self._replay_prior_output(seq)
+            self._replay_prior_output(seq, params.prior_output)
         self.seqs[request_id] = seq
         self.faults.watch(request_id, seq.prompt_token_ids)
         self.scheduler.add(seq)
 
-    def _replay_prior_output(self, seq: Sequence) -> None:
+    def _replay_prior_output(self, seq: Sequence, prior: PriorOutput) -> None:
         """Bring a resumed request to where its lost replica left it: the tokens become output,
         the detokenizer, grammar and seeded generator advance exactly as they did there."""
-        prior = seq.params.prior_output
         for token in prior.token_ids:
             seq.token_ids.append(token)
             if seq.grammar is not None:
@@ -261,7 +261,9 @@ class LLMEngine:
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                         if s.num_computed_tokens + n == s.num_tokens]
-            sampled = self.sampler(logits.sample, sampling) if sampling else None
+            # the logits' sample rows are exactly the sequences in `sampling`
+            sampled = (self.sampler(logits.sample, sampling) if logits.sample is not None
+                       else SamplerOutput([], []))
         except EngineDeadError:  # the replica itself is broken: no request can run alone
             raise
         except Exception as e:
@@ -306,10 +308,11 @@ class LLMEngine:
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         begin = seq.num_computed_tokens  # not yet advanced for this step
         targets = seq.prompt_token_ids[begin + 1:begin + 1 + logits.shape[0]]
-        if begin == 0:  # (re)starting the prompt, also after a preemption
+        top_n = seq.params.prompt_logprobs
+        assert top_n is not None, "only requests that ask for prompt logprobs get prompt rows"
+        if begin == 0 or seq.prompt_logprobs is None:  # (re)starting, also after a preemption
             seq.prompt_logprobs = [None]  # the first token has no context to be predicted from
-        seq.prompt_logprobs += self.sampler.token_logprobs(logits, targets,
-                                                           seq.params.prompt_logprobs)
+        seq.prompt_logprobs += self.sampler.token_logprobs(logits, targets, top_n)
 
     def stats(self) -> dict:
         bm = self.block_manager

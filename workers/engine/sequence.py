@@ -6,6 +6,7 @@ from enum import Enum
 from typing import Any
 
 from workers.engine.block_hash import ROOT_HASH, hash_block
+from workers.engine.outputs import TokenLogprob
 from workers.engine.sampling_params import SamplingParams
 
 
@@ -32,7 +33,8 @@ class Sequence:
     generator: Any = None  # torch.Generator for seeded sampling
     grammar: Any = None  # workers.engine.grammar.Grammar when decoding is constrained
     detokenizer: Any = None  # workers.engine.detokenizer.Detokenizer
-    prompt_logprobs: list | None = None  # filled during prefill when params ask for them
+    # filled during prefill when params ask for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     _hashes: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
