@@ -208,7 +208,8 @@ class LLMEngine:
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                         if s.num_computed_tokens + n == s.num_scheduled_tokens]
-            sampled = self.sampler.sample(logits.sample, sampling) if sampling else None
+            sampled = (self.sampler.sample(logits.sample, sampling)
+                       if logits.sample is not None else None)
         except EngineDeadError:
             raise
         except Exception as e:
