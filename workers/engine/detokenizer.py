@@ -52,7 +52,7 @@ class Detokenizer:
 
     def _step(self, token_id: int) -> str | None:
         """The text token_id completes, if any."""
-        if self.stream is not None:
+        if self.stream is not None and self.backend is not None:
             return self.stream.step(self.backend, token_id)
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])

@@ -81,6 +81,7 @@ class InputBatch:
             begin = seq.num_computed_tokens
             begins.append(begin)
             if n == 1 and begin == seq.num_tokens:  # its input is the token in flight
+                assert sampled_rows is not None, "a token in flight needs the step it is in"
                 pending.append((start, sampled_rows[seq.request_id]))
                 token_ids.append(0)
             elif n == 1:
