@@ -45,10 +45,10 @@ def make_prompts(tokenizer, num: int, seed: int = 0) -> list[list[int]]:
 
 
 def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
-               quantization: str | None = None) -> dict:
+               quantization: str | None = None, async_scheduling: bool | None = None) -> dict:
     llm = LLM(EngineConfig(model=model, device=device, max_num_seqs=len(prompts), dtype=dtype,
                            max_num_batched_tokens=4096, max_model_len=2048,
-                           quantization=quantization))
+                           quantization=quantization, async_scheduling=async_scheduling))
     llm.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm-up
     engine = llm.engine
     runner = engine.runner
@@ -130,6 +130,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--no-results", action="store_true",
                         help="leave bench/RESULTS.md alone")
+    parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                        help="overlapped scheduling; auto: the engine's default for the device")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
     return parser.parse_args()
@@ -147,8 +149,9 @@ def main() -> None:
     user_dtype = "bfloat16" if args.device == "cuda" else "float32"
     from transformers import AutoTokenizer
     prompts = make_prompts(AutoTokenizer.from_pretrained(args.model), args.requests)
+    overlap = {"auto": None, "on": True, "off": False}[args.async_scheduling]
     ours = {(d, q): bench_ours(args.model, prompts, args.max_tokens, args.device, d,
-                               None if q == "none" else q) for d, q in variants}
+                               None if q == "none" else q, overlap) for d, q in variants}
     sequential, static = None, {}
     if not args.no_hf:
         sequential = bench_hf(args.model, prompts[:args.sequential_requests], args.max_tokens,

@@ -6,7 +6,8 @@
 Stages run in order of importance, each under its own time limit and all under one deadline;
 a stage that fails or runs out of time is recorded and the next one starts. Written under $OUT:
 summary.md (each stage's status, seconds and output tail), logs.txt (every stage's whole
-output), engine_{1b,8b}_{none,fp8}.json (bench/engine.py results), triton.json.
+output), engine_{1b,8b}_{none,none_sync,fp8}.json (bench/engine.py results; _sync: without
+overlapped scheduling), triton.json.
 
 The real SmolLM2 comes from the model folder given (`--smollm2`) or, failing that, is converted
 from its GGUF file reassembled from parts (`--gguf-parts`, see bench/gpu_pack.sh); without it
@@ -48,11 +49,12 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
         tag = shape.removeprefix("llama-")
         plan.append(Stage(f"random_{tag}", [py, "bench/random_model.py", "--shape", shape,
                                             "--tokenizer", args.tokenizer, "--out", model], 150))
-        for quantization in ("none", "fp8"):  # one process each: a failure loses one table
-            name = f"engine_{tag}_{quantization}"
+        # one process each: a failure loses one table; "sync" runs without overlapped scheduling
+        for quantization, overlap in (("none", "auto"), ("none", "off"), ("fp8", "auto")):
+            name = f"engine_{tag}_{quantization}" + ("_sync" if overlap == "off" else "")
             plan.append(Stage(name, [py, "bench/engine.py", "--model", model, *engine,
-                                     "--quantization", quantization,
-                                     "--json", os.path.join(out, f"{name}.json")],
+                                     "--quantization", quantization, "--async-scheduling",
+                                     overlap, "--json", os.path.join(out, f"{name}.json")],
                               200 if tag == "8b" else 120))
     tokens = "2" if dry else "32"
     plan.append(Stage("triton_bf16", [py, "bench/triton_greedy.py", "--model", smollm2,
@@ -65,7 +67,8 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
              Stage("kernel_tests", pytest + (["tests/kernel/test_cuda_graph.py"] if dry
                                              else ["tests/kernel"]), 200),
              Stage("core_tests", pytest + ["tests/core/test_fp8.py",
-                                           "tests/core/test_kv_memory.py"], 120, True)]
+                                           "tests/core/test_kv_memory.py",
+                                           "tests/core/test_async_scheduling.py"], 150, True)]
     return plan
 
 
