@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoTokenizer
 
+from workers.engine.admission import check_request, new_sequence
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
-from workers.engine.detokenizer import Detokenizer
-from workers.engine.errors import ContextLengthError, EngineDeadError, InvalidRequestError
+from workers.engine.errors import EngineDeadError, InvalidRequestError
 from workers.engine.fault_injection import FaultInjector
 from workers.engine.in_flight import InFlight, needs_history
 from workers.engine.model_runner import ModelRunner
-from workers.engine.outputs import RequestOutput, request_output
+from workers.engine.outputs import RequestOutput
 from workers.engine.sampler import Sampler, SamplerOutput
-from workers.engine.sampling_params import PriorOutput, SamplingParams
+from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
-from workers.engine.sequence import Sequence, SequenceStatus
+from workers.engine.sequence import Sequence, SequenceStatus, request_output
 from workers.engine.worker import ProcessWorkers, Workers
 
 if TYPE_CHECKING:
@@ -90,21 +90,7 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise a typed error if the request cannot be served; changes no state."""
-        if not prompt_token_ids:
-            raise InvalidRequestError("The prompt is empty.", param="prompt")
-        prior = params.prior_output.token_ids if params.prior_output is not None else []
-        n, limit = len(prompt_token_ids), self.max_model_len
-        if n + len(prior) >= limit:  # a resumed request's output so far counts as prompt
-            raise ContextLengthError(limit, n + len(prior))
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise ContextLengthError(limit, n, params.max_tokens)
-        for param, ids in (("prompt", list(prompt_token_ids) + prior),
-                           ("logit_bias", params.logit_bias),
-                           ("stop_token_ids", params.stop_token_ids)):
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequestError(f"Token id {bad} is outside the vocabulary "
-                                          f"[0, {self.vocab_size}).", param)
+        check_request(prompt_token_ids, params, self.max_model_len, self.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, compiled: CompiledGrammar | None = None) -> None:
@@ -112,35 +98,12 @@ class LLMEngine:
         if request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already running.")
         self.validate(prompt_token_ids, params)
-        compiled = compiled or self.compile_grammar(params)
-        seq = Sequence(request_id, list(prompt_token_ids), params)
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        if compiled is not None:
-            from workers.engine.grammar import Grammar
-
-            seq.grammar = Grammar(compiled, self.vocab_size)
-        seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
-                                      params.skip_special_tokens)
-        if params.prior_output is not None:
-            self._replay_prior_output(seq, params.prior_output)
+        seq = new_sequence(request_id, prompt_token_ids, params,
+                           compiled or self.compile_grammar(params), self.tokenizer,
+                           self.vocab_size, self.runner.device)
         self.seqs[request_id] = seq
         self.faults.watch(request_id, seq.prompt_token_ids)
         self.scheduler.add(seq)
-
-    def _replay_prior_output(self, seq: Sequence, prior: PriorOutput) -> None:
-        """Bring a resumed request to where its lost replica left it: the tokens become output,
-        the detokenizer, grammar and seeded generator advance exactly as they did there."""
-        for token in prior.token_ids:
-            seq.token_ids.append(token)
-            if seq.grammar is not None:
-                seq.grammar.accept(token)
-            seq.detokenizer.add_token(token, check_stop=seq.num_output_tokens >=
-                                      seq.params.min_tokens)
-            if seq.generator is not None:  # one draw per sampled token, as the sampler does
-                torch.empty(self.vocab_size, device=self.runner.device).exponential_(
-                    generator=seq.generator)
-        seq.detokenizer.skip(prior.num_chars_sent)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.seqs.get(request_id)

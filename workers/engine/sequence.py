@@ -6,7 +6,7 @@ from enum import Enum
 from typing import Any
 
 from workers.engine.block_hash import ROOT_HASH, hash_block
-from workers.engine.outputs import TokenLogprob
+from workers.engine.outputs import RequestOutput, TokenLogprob
 from workers.engine.sampling_params import SamplingParams
 
 
@@ -80,3 +80,28 @@ class Sequence:
             block = tuple(self.token_ids[i * block_size:(i + 1) * block_size])
             hashes.append(hash_block(parent, block))
         return hashes
+
+
+def request_output(seq: Sequence, tokens: list[int], logprobs: list,
+                   finish: str | None) -> RequestOutput:
+    """seq's delta since its previous output: these tokens and the text they completed."""
+    return RequestOutput(
+        request_id=seq.request_id,
+        text=seq.detokenizer.take(finished=finish is not None),
+        token_ids=tokens,
+        logprobs=logprobs if seq.params.logprobs is not None else None,
+        finish_reason=finish,
+        prompt_tokens=seq.num_prompt_tokens,
+        completion_tokens=seq.num_output_tokens,
+        cached_tokens=seq.num_cached_tokens,
+        prompt_logprobs=take_prompt_logprobs(seq),
+    )
+
+
+def take_prompt_logprobs(seq: Sequence) -> list | None:
+    """Prompt logprobs ride on a request's first output only."""
+    if seq.params.prompt_logprobs is None or seq.num_output_tokens > 1 or \
+            seq.prompt_logprobs is None:
+        return None
+    taken, seq.prompt_logprobs = seq.prompt_logprobs, []
+    return taken or None
