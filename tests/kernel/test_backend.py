@@ -67,6 +67,22 @@ def test_layer_ops_match_torch_backend():
         torch.testing.assert_close(a, b)
 
 
+def test_rope_write_kv_matches_torch_backend():
+    meta = make_meta([3, 1], [3, 20], 16, 4)
+    positions = torch.tensor([0, 1, 2, 19], device=DEVICE)
+    cache = torch.randn(32, 64, device=DEVICE)
+    qkv = torch.randn(4, 4 * 64, device=DEVICE)  # q, k, v as strided views, as the model has them
+    q, k, v = (t.view(4, -1, 64) for t in qkv.split([2 * 64, 64, 64], dim=-1))
+    k_cache, v_cache = random_cache(4, 16, 1, 64, torch.float32)
+    results = []
+    for backend in (TritonBackend(), TorchBackend()):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        results.append((backend.rope_write_kv(positions, q, k, v, cache, kc, vc,
+                                              meta.slot_mapping), kc, vc))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref)
+
+
 def test_backend_selection():
     assert isinstance(get_backend("triton", DEVICE), TritonBackend)
     assert isinstance(get_backend("auto", torch.device("cpu")), TorchBackend)

@@ -138,5 +138,13 @@ class TorchBackend:
         """Neox-style rotary embedding; q/k: [num_tokens, heads, head_dim]."""
         return rope_ref(positions, q, k, cos_sin_cache)
 
+    def rope_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """RoPE on q and k, then k and v into the cache by slot; returns the rotated q."""
+        q, k = self.rope(positions, q, k, cos_sin_cache)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
+
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul_ref(x)

@@ -1,61 +1,35 @@
 """CPU attention: the paged decode C++ extension (cpu_paged_decode.cpp), its launcher, and the
-attention backend that uses it.
+attention backend that uses it, with the fused layer ops of `cpu_layer_ops`.
 
-The extension is compiled on first use with the machine's C++ compiler for the machine's own
-instruction set (`-march=native`) and cached under $PAGODA_KERNEL_CACHE (default
-~/.cache/pagoda/kernels), keyed by the CPU's feature flags so a cache shared between machines
-never hands one a binary it cannot run. `make install` builds it ahead of time
-(`python -m workers.engine.cpu_attention`). Where it cannot build (no compiler, no ninja),
-`load()` returns None and callers keep their PyTorch path. The reference is
-`kernels.reference.paged_decode_ref`.
+`make install` builds the extension ahead of time (`python -m workers.engine.cpu_attention`);
+`cpu_extension` builds and caches it. Where it cannot build, `load()` returns None and callers
+keep their PyTorch path. The reference is `kernels.reference.paged_decode_ref`.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
-import sys
 from types import ModuleType
 
 import torch
 
+from workers.engine import cpu_extension, cpu_layer_ops
 from workers.engine.attention import TorchBackend
 
 log = logging.getLogger("pagoda.engine")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_paged_decode.cpp")
 NAME = "pagoda_cpu_paged_decode"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"]
 
 
 def build_directory() -> str:
-    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
-        flags = next((line for line in f if line.startswith("flags")), "")
-    key = hashlib.sha256(f"{flags}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
-    root = os.environ.get("PAGODA_KERNEL_CACHE",
-                          os.path.join(os.path.expanduser("~"), ".cache", "pagoda", "kernels"))
-    return os.path.join(root, f"{NAME}-{key}")
+    return cpu_extension.build_directory(NAME, SOURCE)
 
 
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled extension, building it if needed; None where it cannot be built."""
-    try:
-        from torch.utils import cpp_extension
-
-        try:  # ninja from PyPI lives next to the venv's python, which may not be on PATH
-            import ninja
-            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
-        except ImportError:
-            pass
-        directory = build_directory()
-        os.makedirs(directory, exist_ok=True)
-        return cpp_extension.load(NAME, [SOURCE], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                                  build_directory=directory, verbose=False)
-    except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
-        log.warning("CPU attention kernel unavailable, using the PyTorch path: %s",
-                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-        return None
+    return cpu_extension.build(NAME, SOURCE, "CPU attention kernel")
 
 
 def paged_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -79,6 +53,40 @@ class CpuBackend(TorchBackend):
         if load() is None:
             raise RuntimeError("attention backend 'cpu' needs the C++ kernel, which could not "
                                "be built (see the warning above)")
+        # the fused layer ops where they build, else the torch references
+        self.fused = cpu_layer_ops.load() is not None
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fused or weight.dtype != x.dtype:
+            return super().rms_norm(x, weight, eps, residual)
+        return cpu_layer_ops.rms_norm(x, weight, eps, residual)
+
+    def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+             cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fused:
+            return super().rope(positions, q, k, cos_sin_cache)
+        return cpu_layer_ops.rope(positions, q, k, cos_sin_cache)
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if not self.fused:
+            return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
+        cpu_layer_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def rope_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
+                                         slot_mapping)
+        return cpu_layer_ops.rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
+                                           slot_mapping)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().silu_mul(x)
+        return cpu_layer_ops.silu_mul(x)
 
     def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, lens, scale):
         return paged_decode_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale)

@@ -92,8 +92,8 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = backend.rope(positions, q, k, rope_cache)
-        backend.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        q = backend.rope_write_kv(positions, q, k, v, rope_cache, kv_cache[0], kv_cache[1],
+                                  meta.slot_mapping)
         o = backend.attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.ctx.all_reduce(self.o_proj(o.reshape(n, self.q_size)))
 

@@ -47,6 +47,14 @@ class TritonBackend:
         """Neox-style rotary embedding; q/k: [num_tokens, heads, head_dim]."""
         return rope(positions, q, k, cos_sin_cache)
 
+    def rope_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """RoPE on q and k, then k and v into the cache by slot; returns the rotated q."""
+        q, k = rope(positions, q, k, cos_sin_cache)
+        kv_write(k, v, k_cache, v_cache, slot_mapping)
+        return q
+
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul(x)
 

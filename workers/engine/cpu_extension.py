@@ -1,0 +1,55 @@
+"""Builds one of our C++ CPU extensions for this machine and caches the result.
+
+Each extension is compiled on first use with the machine's C++ compiler for its own instruction
+set (`-march=native`) and cached under $PAGODA_KERNEL_CACHE (default ~/.cache/pagoda/kernels),
+in a folder keyed by the CPU's feature flags (a cache shared between machines never hands one a
+binary it cannot run) and by the source's content (an edited source always builds afresh).
+Where it cannot build (no compiler, no ninja), `build` returns None and callers keep their
+PyTorch path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("pagoda.engine")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"]
+
+
+def build_directory(name: str, source: str) -> str:
+    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
+        flags = next((line for line in f if line.startswith("flags")), "")
+    with open(source, "rb") as f:
+        code = f.read()
+    key = hashlib.sha256(f"{flags}{torch.__version__}{sys.version}".encode() + code).hexdigest()
+    root = os.environ.get("PAGODA_KERNEL_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "pagoda", "kernels"))
+    return os.path.join(root, f"{name}-{key[:12]}")
+
+
+def build(name: str, source: str, what: str, extra_flags: list[str] | None = None
+          ) -> ModuleType | None:
+    """The compiled extension, building it if needed; None (and a warning naming `what`) where
+    it cannot be built."""
+    try:
+        from torch.utils import cpp_extension
+
+        try:  # ninja from PyPI lives next to the venv's python, which may not be on PATH
+            import ninja
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+        except ImportError:
+            pass
+        directory = build_directory(name, source)
+        os.makedirs(directory, exist_ok=True)
+        return cpp_extension.load(name, [source], extra_cflags=FLAGS + (extra_flags or []),
+                                  extra_ldflags=["-fopenmp"], build_directory=directory,
+                                  verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
+        log.warning("%s unavailable, using the PyTorch path: %s", what,
+                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        return None
