@@ -3,7 +3,8 @@
 Each extension is compiled on first use with the machine's C++ compiler for its own instruction
 set (`-march=native`) and cached under $PAGODA_KERNEL_CACHE (default ~/.cache/pagoda/kernels),
 in a folder keyed by the CPU's feature flags (a cache shared between machines never hands one a
-binary it cannot run) and by the source's content (an edited source always builds afresh).
+binary it cannot run) and by the source's content and flags (an edited source always builds
+afresh).
 Where it cannot build (no compiler, no ninja), `build` returns None and callers keep their
 PyTorch path.
 """
@@ -21,12 +22,13 @@ log = logging.getLogger("pagoda.engine")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"]
 
 
-def build_directory(name: str, source: str) -> str:
+def build_directory(name: str, source: str, extra_flags: list[str] | None = None) -> str:
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
         flags = next((line for line in f if line.startswith("flags")), "")
     with open(source, "rb") as f:
         code = f.read()
-    key = hashlib.sha256(f"{flags}{torch.__version__}{sys.version}".encode() + code).hexdigest()
+    build = f"{flags}{torch.__version__}{sys.version}{extra_flags or ''}"
+    key = hashlib.sha256(build.encode() + code).hexdigest()
     root = os.environ.get("PAGODA_KERNEL_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "pagoda", "kernels"))
     return os.path.join(root, f"{name}-{key[:12]}")
@@ -44,7 +46,7 @@ def build(name: str, source: str, what: str, extra_flags: list[str] | None = Non
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
         except ImportError:
             pass
-        directory = build_directory(name, source)
+        directory = build_directory(name, source, extra_flags)
         os.makedirs(directory, exist_ok=True)
         return cpp_extension.load(name, [source], extra_cflags=FLAGS + (extra_flags or []),
                                   extra_ldflags=["-fopenmp"], build_directory=directory,

@@ -84,6 +84,58 @@ void dispatch(at::ScalarType type, const char* op, const F& fn) {
 
 // ---- residual add + RMSNorm ----
 
+// ATen's CPU sum kernel adds 8-float vectors, on AVX-512 machines too
+constexpr int kSumLanes = 8;
+
+inline int64_t ceil_log2(int64_t x) {
+  return x <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(x - 1));
+}
+
+// The fp32 sum of squares of a row, added in the order of ATen's sum kernel (SumKernel.cpp:
+// Lanes-wide vectors into four interleaved accumulators, cascaded every 2^power steps, then the
+// accumulators and lanes in turn), so the norm equals torch's `pow(2).mean()` bit for bit.
+template <int Lanes, typename T>
+float sum_of_squares(const T* x, int64_t n) {
+  const int64_t vecs = n / Lanes, steps = vecs / 4;
+  const int64_t power = std::max<int64_t>(4, ceil_log2(steps) / 4);
+  const int64_t level_step = int64_t{1} << power;
+  float acc[4][4][Lanes] = {};  // [cascade level][accumulator][lane]
+  auto add = [&](float* to, int64_t vec) {
+    for (int l = 0; l < Lanes; ++l) {
+      const float f = widen(x[vec * Lanes + l]);
+      to[l] += f * f;
+    }
+  };
+  int64_t i = 0;
+  while (i + level_step <= steps) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < 4; ++k) add(acc[0][k], i * 4 + k);
+    for (int level = 1; level < 4; ++level) {
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < Lanes; ++l) {
+          acc[level][k][l] += acc[level - 1][k][l];
+          acc[level - 1][k][l] = 0.f;
+        }
+      if ((i & ((level_step - 1) << (level * power))) != 0) break;
+    }
+  }
+  for (; i < steps; ++i)
+    for (int k = 0; k < 4; ++k) add(acc[0][k], i * 4 + k);
+  for (int level = 1; level < 4; ++level)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < Lanes; ++l) acc[0][k][l] += acc[level][k][l];
+  for (int64_t vec = steps * 4; vec < vecs; ++vec) add(acc[0][0], vec);
+  for (int k = 1; k < 4; ++k)
+    for (int l = 0; l < Lanes; ++l) acc[0][0][l] += acc[0][k][l];
+  float total = 0.f;
+  for (int64_t e = vecs * Lanes; e < n; ++e) {
+    const float f = widen(x[e]);
+    total += f * f;
+  }
+  for (int l = 0; l < Lanes; ++l) total += acc[0][0][l];
+  return total;
+}
+
 template <typename T>
 void rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T* sum, int64_t rows,
                    int64_t hidden, float eps) {
@@ -98,12 +150,9 @@ void rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T* su
         for (int64_t d = 0; d < hidden; ++d) s[d] = narrow<T>(widen(src[d]) + widen(r[d]));
         src = s;
       }
-      float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t d = 0; d < hidden; ++d) {
-        const float f = widen(src[d]);
-        squares += f * f;
-      }
+      // rows shorter than a vector are summed as ATen's scalar path does: one lane
+      const float squares = hidden >= kSumLanes ? sum_of_squares<kSumLanes>(src, hidden)
+                                                : sum_of_squares<1>(src, hidden);
       const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
       T* o = out + base;
 #pragma omp simd
