@@ -4,10 +4,10 @@ attention backend that uses it.
 The extension is compiled on first use with the machine's C++ compiler for the machine's own
 instruction set (`-march=native`) and cached under $PAGODA_KERNEL_CACHE (default
 ~/.cache/pagoda/kernels), keyed by the CPU's feature flags so a cache shared between machines
-never hands one a binary it cannot run. `make install` builds it ahead of time
-(`python -m workers.engine.cpu_attention`). Where it cannot build (no compiler, no ninja),
-`load()` returns None and callers keep their PyTorch path. The reference is
-`kernels.reference.paged_decode_ref`.
+never hands one a binary it cannot run, and by the source.
+`make install` builds it ahead of time (`python -m workers.engine.cpu_attention`). Where it
+cannot build (no compiler, no ninja), `load()` returns None and callers keep their PyTorch
+path. The reference is `kernels.reference.paged_decode_ref`.
 """
 from __future__ import annotations
 
@@ -28,30 +28,39 @@ NAME = "pagoda_cpu_paged_decode"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"]
 
 
-def build_directory() -> str:
+def build_directory(source: str = SOURCE, name: str = NAME) -> str:
+    """Where extension `name` from `source` is built, keyed by CPU flags, torch, python and the
+    source itself, so an edited kernel builds afresh, never over a loaded copy."""
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
         flags = next((line for line in f if line.startswith("flags")), "")
-    key = hashlib.sha256(f"{flags}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
+    with open(source, "rb") as f:
+        text = f.read()
+    key = hashlib.sha256(f"{flags}{torch.__version__}{sys.version}".encode() + text)
     root = os.environ.get("PAGODA_KERNEL_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "pagoda", "kernels"))
-    return os.path.join(root, f"{NAME}-{key}")
+    return os.path.join(root, f"{name}-{key.hexdigest()[:12]}")
+
+
+def build(source: str, name: str = NAME) -> ModuleType:
+    """Compiles (or reuses the cached build of) one C++ source as extension `name`."""
+    from torch.utils import cpp_extension
+
+    try:  # ninja from PyPI lives next to the venv's python, which may not be on PATH
+        import ninja
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    except ImportError:
+        pass
+    directory = build_directory(source, name)
+    os.makedirs(directory, exist_ok=True)
+    return cpp_extension.load(name, [source], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                              build_directory=directory, verbose=False)
 
 
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled extension, building it if needed; None where it cannot be built."""
     try:
-        from torch.utils import cpp_extension
-
-        try:  # ninja from PyPI lives next to the venv's python, which may not be on PATH
-            import ninja
-            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
-        except ImportError:
-            pass
-        directory = build_directory()
-        os.makedirs(directory, exist_ok=True)
-        return cpp_extension.load(NAME, [SOURCE], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                                  build_directory=directory, verbose=False)
+        return build(SOURCE)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
         log.warning("CPU attention kernel unavailable, using the PyTorch path: %s",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
