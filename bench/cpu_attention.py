@@ -76,7 +76,7 @@ class Case:
         torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
 
 
-def paths(baseline: ModuleType | None, rev: str) -> list[tuple[str, object]]:
+def paths(baseline: ModuleType | None, rev: str | None) -> list[tuple[str, object]]:
     """(name, fn(case, tables) -> out) for each path measured."""
     torch_backend = TorchBackend()
 
@@ -105,15 +105,18 @@ def cpu_decode_report(baseline_rev: str | None = None) -> str:
     with torch.inference_mode():
         for dtype in (torch.bfloat16, torch.float32):
             for batch, context in CASES:
-                case = Case(batch, context, dtype)
-                base = None
-                for name, fn in paths(baseline, baseline_rev or ""):
-                    tables = case.next_tables()
-                    case.check(fn(case, tables), tables)
-                    ms = timed_ms(lambda f=fn: f(case, case.next_tables()))
-                    base = base or ms
-                    lines.append(f"| {name} | {batch} x {context} | "
-                                 f"{str(dtype).removeprefix('torch.')} | {ms:.3f} | "
-                                 f"{case.kv_bytes / ms / 1e6:.1f} | {base / ms:.1f}x |")
-                del case
+                lines += bench_case(Case(batch, context, dtype), paths(baseline, baseline_rev))
     return "\n".join(lines)
+
+
+def bench_case(case: Case, fns: list[tuple[str, object]]) -> list[str]:
+    rows, base = [], None
+    for name, fn in fns:
+        tables = case.next_tables()
+        case.check(fn(case, tables), tables)
+        ms = timed_ms(lambda f=fn: f(case, case.next_tables()))
+        base = base or ms
+        rows.append(f"| {name} | {case.lens.numel()} x {int(case.lens[0])} | "
+                    f"{str(case.q.dtype).removeprefix('torch.')} | {ms:.3f} | "
+                    f"{case.kv_bytes / ms / 1e6:.1f} | {base / ms:.1f}x |")
+    return rows
