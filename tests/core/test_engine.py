@@ -1,6 +1,7 @@
 """The engine on the real SmolLM2 weights, checked against HF transformers."""
 from __future__ import annotations
 
+import threading
 from itertools import pairwise
 
 import pytest
@@ -252,3 +253,27 @@ def test_a_step_leaves_the_callers_floats_ieee(llm):
     # the forward flushes denormals for speed; code after it (hypothesis, numpy) must not see it
     llm.generate(["Hello"], SamplingParams(max_tokens=2))
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX"),
+                    reason="flushing denormals is an x86 SSE setting")
+def test_a_step_thread_flushes_denormals_in_its_parallel_ops(llm):
+    smallest_normal = torch.finfo(torch.float32).tiny
+    values = torch.full((1 << 20,), smallest_normal)  # large enough to split over threads
+
+    def halve(prepare: bool, out: list) -> None:
+        torch.set_flush_denormal(False)  # threads inherit the setting of the one starting them
+        if prepare:
+            llm.engine.runner.prepare_thread()
+        out.append(values * 0.5)
+
+    results: dict[bool, torch.Tensor] = {}
+    for prepare in (False, True):  # each thread starts its own OpenMP workers
+        out: list = []
+        thread = threading.Thread(target=halve, args=(prepare, out))
+        thread.start()
+        thread.join()
+        results[prepare] = out[0]
+    # compared as bits: this thread may itself treat denormal inputs as zero
+    assert not results[False].view(torch.int32).eq(0).any()  # denormals where nothing flushes
+    assert results[True].view(torch.int32).eq(0).all()  # flushed on every worker thread too

@@ -115,6 +115,7 @@ class AsyncLLMEngine:
     # ---- engine thread ----
     def _loop(self) -> None:
         try:
+            self.engine.runner.prepare_thread()
             while not self._stopping:
                 self._apply_commands()
                 if not self.engine.has_unfinished():

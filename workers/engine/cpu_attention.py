@@ -1,9 +1,10 @@
 """CPU attention: the paged decode C++ extension (cpu_paged_decode.cpp), its launcher, and the
 attention backend that uses it, with the fused layer ops of `cpu_layer_ops`.
 
-`make install` builds the extension ahead of time (`python -m workers.engine.cpu_attention`);
-`cpu_extension` builds and caches it. Where it cannot build, `load()` returns None and callers
-keep their PyTorch path. The reference is `kernels.reference.paged_decode_ref`.
+The extension is built for this machine's CPU and cached by `cpu_extension`; `make install`
+builds it ahead of time (`python -m workers.engine.cpu_attention`). Where it cannot build (no
+compiler, no ninja), `load()` returns None and callers keep their PyTorch path. The reference
+is `kernels.reference.paged_decode_ref`.
 """
 from __future__ import annotations
 
@@ -22,14 +23,20 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_paged_dec
 NAME = "pagoda_cpu_paged_decode"
 
 
-def build_directory() -> str:
-    return cpu_extension.build_directory(NAME, SOURCE)
+def build_directory(source: str = SOURCE, name: str = NAME) -> str:
+    """Where extension `name` from `source` is built (`cpu_extension.build_directory`)."""
+    return cpu_extension.build_directory(name, source)
+
+
+def build(source: str, name: str = NAME) -> ModuleType:
+    """Compiles (or reuses the cached build of) one C++ source as extension `name`."""
+    return cpu_extension.build(name, source)
 
 
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled extension, building it if needed; None where it cannot be built."""
-    return cpu_extension.build(NAME, SOURCE, "CPU attention kernel")
+    return cpu_extension.try_build(NAME, SOURCE, "CPU attention kernel")
 
 
 def paged_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

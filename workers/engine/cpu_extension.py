@@ -5,8 +5,8 @@ set (`-march=native`) and cached under $PAGODA_KERNEL_CACHE (default ~/.cache/pa
 in a folder keyed by the CPU's feature flags (a cache shared between machines never hands one a
 binary it cannot run) and by the source's content and flags (an edited source always builds
 afresh).
-Where it cannot build (no compiler, no ninja), `build` returns None and callers keep their
-PyTorch path.
+Where it cannot build (no compiler, no ninja), `try_build` returns None and callers keep
+their PyTorch path.
 """
 from __future__ import annotations
 
@@ -34,23 +34,27 @@ def build_directory(name: str, source: str, extra_flags: list[str] | None = None
     return os.path.join(root, f"{name}-{key[:12]}")
 
 
-def build(name: str, source: str, what: str, extra_flags: list[str] | None = None
-          ) -> ModuleType | None:
-    """The compiled extension, building it if needed; None (and a warning naming `what`) where
-    it cannot be built."""
-    try:
-        from torch.utils import cpp_extension
+def build(name: str, source: str, extra_flags: list[str] | None = None) -> ModuleType:
+    """Compiles (or reuses the cached build of) one C++ source as extension `name`."""
+    from torch.utils import cpp_extension
 
-        try:  # ninja from PyPI lives next to the venv's python, which may not be on PATH
-            import ninja
-            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
-        except ImportError:
-            pass
-        directory = build_directory(name, source, extra_flags)
-        os.makedirs(directory, exist_ok=True)
-        return cpp_extension.load(name, [source], extra_cflags=FLAGS + (extra_flags or []),
-                                  extra_ldflags=["-fopenmp"], build_directory=directory,
-                                  verbose=False)
+    try:  # ninja from PyPI lives next to the venv's python, which may not be on PATH
+        import ninja
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    except ImportError:
+        pass
+    directory = build_directory(name, source, extra_flags)
+    os.makedirs(directory, exist_ok=True)
+    return cpp_extension.load(name, [source], extra_cflags=FLAGS + (extra_flags or []),
+                              extra_ldflags=["-fopenmp"], build_directory=directory,
+                              verbose=False)
+
+
+def try_build(name: str, source: str, what: str, extra_flags: list[str] | None = None
+              ) -> ModuleType | None:
+    """`build`, or None (and a warning naming `what`) where the extension cannot be built."""
+    try:
+        return build(name, source, extra_flags)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
         log.warning("%s unavailable, using the PyTorch path: %s", what,
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)

@@ -28,7 +28,7 @@ FLAGS = ["-ffp-contract=off", "-fno-trapping-math"]
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled extension, building it if needed; None where it cannot be built."""
-    return cpu_extension.build(NAME, SOURCE, "CPU layer ops", FLAGS)
+    return cpu_extension.try_build(NAME, SOURCE, "CPU layer ops", FLAGS)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
