@@ -31,7 +31,10 @@ def tcp_init_method(host: str = "127.0.0.1") -> str:
 def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     """The whole life of a worker rank: load its shard, run plans until the driver stops."""
     from workers.engine.model_runner import (  # torch loads in the worker only
-        ModelRunner, prepare_step_thread, resolve_device)
+        ModelRunner,
+        prepare_step_thread,
+        resolve_device,
+    )
 
     prepare_step_thread(resolve_device(config.device, rank))
     ModelRunner(config, rank, init_method).serve_forever()
