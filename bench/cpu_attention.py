@@ -18,7 +18,7 @@ import torch
 
 from bench.kernel_cases import _decode_meta
 from kernels.reference import paged_decode_ref
-from workers.engine import cpu_attention
+from workers.engine import cpu_attention, cpu_extension
 from workers.engine.attention import TorchBackend
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16  # SmolLM2-135M
@@ -46,7 +46,7 @@ def baseline_kernel(rev: str) -> ModuleType:
     path = os.path.join(tempfile.mkdtemp(), "cpu_paged_decode_baseline.cpp")
     with open(path, "w") as f:
         f.write(source)
-    return cpu_attention.build(path, name=f"{cpu_attention.NAME}_baseline")
+    return cpu_extension.build(f"{cpu_attention.NAME}_baseline", path)
 
 
 class Case:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.reference import paged_decode_ref
-from workers.engine import cpu_attention
+from workers.engine import cpu_attention, cpu_extension
 from workers.engine.attention import TorchBackend
 from workers.engine.backends import get_backend
 from workers.engine.cpu_attention import CpuBackend
@@ -98,9 +98,9 @@ def test_build_directory_follows_the_source(tmp_path):
     """An edited kernel source builds in its own directory, never over an older binary."""
     source = tmp_path / "kernel.cpp"
     source.write_text("// one")
-    first = cpu_attention.build_directory(str(source))
+    first = cpu_extension.build_directory(cpu_attention.NAME, str(source))
     source.write_text("// two")
-    assert cpu_attention.build_directory(str(source)) != first
+    assert cpu_extension.build_directory(cpu_attention.NAME, str(source)) != first
 
 
 def test_without_a_compiler_falls_back_to_torch(monkeypatch, tmp_path):

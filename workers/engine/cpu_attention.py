@@ -23,16 +23,6 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_paged_dec
 NAME = "pagoda_cpu_paged_decode"
 
 
-def build_directory(source: str = SOURCE, name: str = NAME) -> str:
-    """Where extension `name` from `source` is built (`cpu_extension.build_directory`)."""
-    return cpu_extension.build_directory(name, source)
-
-
-def build(source: str, name: str = NAME) -> ModuleType:
-    """Compiles (or reuses the cached build of) one C++ source as extension `name`."""
-    return cpu_extension.build(name, source)
-
-
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled extension, building it if needed; None where it cannot be built."""
@@ -101,4 +91,6 @@ class CpuBackend(TorchBackend):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    print(f"CPU attention kernel: {'built in ' + build_directory() if load() else 'unavailable'}")
+    built = load() is not None
+    print("CPU attention kernel: " +
+          (f"built in {cpu_extension.build_directory(NAME, SOURCE)}" if built else "unavailable"))
