@@ -89,18 +89,6 @@ void pack_bf16(const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const
 }
 
 #ifdef PAGODA_AVX512
-// exp(x) for x <= 0, -inf giving 0 through the clamp and the caller's mask
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-  __m512 p = _mm512_set1_ps(1.3888889e-3f);
-  for (float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Online softmax over one chunk of R rows' scores; returns the probabilities (masked keys 0)
 // and rescales each row's output by how much its running max moved.
 template <int R, int V>
