@@ -145,8 +145,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch:
             # decodes first, shortest context first: attention backends batch them in slices
-            order = sorted(range(len(batch)), key=lambda i: (batch.num_new_tokens[i] > 1,
-                                                             batch.seqs[i].num_computed_tokens))
+            keys = [(n > 1, s.num_computed_tokens)
+                    for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
+            order = sorted(range(len(keys)), key=keys.__getitem__)
             batch.seqs = [batch.seqs[i] for i in order]
             batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
             if self.async_scheduling:
@@ -216,7 +217,8 @@ class LLMEngine:
         it is in fails by itself. Nothing is committed before the forward and sampling succeed,
         and a rerun rewrites the same KV slots."""
         try:
-            self.faults.check([s.request_id for s in batch.seqs])
+            if self.faults.marked:
+                self.faults.check([s.request_id for s in batch.seqs])
             forward_start = time.perf_counter()
             logits = self.runner.execute(batch)
             if self.runner.device.type == "cuda":
@@ -224,7 +226,7 @@ class LLMEngine:
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                        if s.num_computed_tokens + n == s.num_tokens]
+                        if s.num_computed_tokens + n == len(s.token_ids)]
             # the logits' sample rows are exactly the sequences in `sampling`
             sampled = (self.sampler(logits.sample, sampling) if logits.sample is not None
                        else SamplerOutput([], []))
@@ -248,26 +250,35 @@ class LLMEngine:
                 for i, seq in enumerate(sampling)]
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
-        seq.token_ids.append(token)
+        token_ids = seq.token_ids
+        token_ids.append(token)
+        num_tokens = len(token_ids)
+        num_output = num_tokens - len(seq.prompt_token_ids)
         params = seq.params
+        detokenizer = seq.detokenizer
+        grammar = seq.grammar
+        min_done = num_output >= params.min_tokens
+        if grammar is not None:
+            grammar.accept(token)
         finish = None
-        min_done = seq.num_output_tokens >= params.min_tokens
-        if seq.grammar is not None:
-            seq.grammar.accept(token)
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
-        if (token in params.stop_token_ids or is_eos) and min_done:
+        text_end = num_tokens
+        if min_done and (token in params.stop_token_ids or (
+                token in self.eos_token_ids and not params.ignore_eos)):
             finish = "stop"  # the stop token's own text is not part of the output
-        elif seq.detokenizer.add_token(token, check_stop=min_done) is not None:
+            text_end -= 1
+        elif detokenizer.source is None and \
+                detokenizer.add_token(token, check_stop=min_done) is not None:
             finish = "stop"  # a stop string
-        elif seq.grammar is not None and seq.grammar.terminated:
+        elif grammar is not None and grammar.terminated:
             finish = "stop"
         if finish is None and ((params.max_tokens is not None and
-                                seq.num_output_tokens >= params.max_tokens) or
-                               seq.num_tokens >= self.max_model_len):
+                                num_output >= params.max_tokens) or
+                               num_tokens >= self.max_model_len):
             finish = "length"
         if finish is not None:
             self._finish(seq, finish)
-        return request_output(seq, [token], [logprob] if logprob is not None else [], finish)
+        return request_output(seq, [token], [logprob] if logprob is not None else [], finish,
+                              text_end)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         begin = seq.num_computed_tokens  # not yet advanced for this step

@@ -230,9 +230,12 @@ class ModelRunner:
 
     def _logits(self, hidden: torch.Tensor, plan: StepPlan) -> StepLogits | None:
         rows = plan.sample_rows
-        # a list index would be copied to the device synchronously, waiting for this forward
-        index = torch.tensor(rows).to(hidden.device, non_blocking=True)
-        sample = self._compute_logits(hidden[index]) if rows else None
+        if len(rows) == hidden.shape[0]:  # rows increase: every row samples (decodes only)
+            sample = self._compute_logits(hidden)
+        else:
+            # a list index would be copied to the device synchronously, waiting for this forward
+            index = torch.tensor(rows).to(hidden.device, non_blocking=True)
+            sample = self._compute_logits(hidden[index]) if rows else None
         prompt = {i: self._compute_logits(hidden[first:first + count])
                   for i, first, count in plan.prompt_rows}
         if self.ctx.tp_rank != 0:  # the other tensor ranks only joined the vocabulary gathers
