@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from workers.engine.grammar import GrammarCompiler
 
 log = logging.getLogger("pagoda.engine")
+PREFILL_KEY = 1 << 40  # sorts a prefill after every decode
 
 
 class LLMEngine:
@@ -145,11 +146,12 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch:
             # decodes first, shortest context first: attention backends batch them in slices
-            keys = [(n > 1, s.num_computed_tokens)
+            keys = [s.num_computed_tokens if n == 1 else PREFILL_KEY + s.num_computed_tokens
                     for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
-            order = sorted(range(len(keys)), key=keys.__getitem__)
-            batch.seqs = [batch.seqs[i] for i in order]
-            batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
+            if keys != sorted(keys):  # steady decodes keep their order: nothing to move
+                order = sorted(range(len(keys)), key=keys.__getitem__)
+                batch.seqs = [batch.seqs[i] for i in order]
+                batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
             if self.async_scheduling:
                 outputs += self._launch_or_run(batch, prev)
                 prev = None
@@ -243,9 +245,10 @@ class LLMEngine:
             return []
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
+        cache_full_blocks = self.block_manager.cache_full_blocks
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
+            cache_full_blocks(seq)
         return [self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i])
                 for i, seq in enumerate(sampling)]
 
@@ -277,7 +280,7 @@ class LLMEngine:
             finish = "length"
         if finish is not None:
             self._finish(seq, finish)
-        return request_output(seq, [token], [logprob] if logprob is not None else [], finish,
+        return request_output(seq, [token], None if logprob is None else [logprob], finish,
                               text_end)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
