@@ -43,7 +43,14 @@ def baseline_kernel(rev: str) -> ModuleType:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     source = subprocess.run(["git", "show", f"{rev}:workers/engine/cpu_paged_decode.cpp"],
                             cwd=root, check=True, capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "cpu_paged_decode_baseline.cpp")
+    folder = tempfile.mkdtemp()
+    headers = subprocess.run(["git", "ls-tree", "--name-only", rev, "workers/engine/"], cwd=root,
+                             check=True, capture_output=True, text=True).stdout.split()
+    for header in (h for h in headers if h.endswith(".h")):  # what the source includes
+        with open(os.path.join(folder, os.path.basename(header)), "w") as f:
+            f.write(subprocess.run(["git", "show", f"{rev}:{header}"], cwd=root, check=True,
+                                   capture_output=True, text=True).stdout)
+    path = os.path.join(folder, "cpu_paged_decode_baseline.cpp")
     with open(path, "w") as f:
         f.write(source)
     return cpu_extension.build(f"{cpu_attention.NAME}_baseline", path)

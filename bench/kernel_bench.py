@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.cpu_attention import cpu_decode_report
+from bench.cpu_prefill import cpu_prefill_report
 from bench.kernel_cases import (
     DecodeCase,
     PrefillCase,
@@ -77,7 +78,9 @@ def main() -> None:
     if not gpu:
         decode = cpu_decode_report(args.cpu_baseline)
         print(decode + "\n", flush=True)
-        update_section("Kernels (CPU)", decode)
+        prefill = cpu_prefill_report()
+        print(prefill + "\n", flush=True)
+        update_section("Kernels (CPU)", decode + "\n\n" + prefill)
     report = gpu_report() if gpu else cpu_report()
     print(report)
     if gpu or args.write:

@@ -67,13 +67,19 @@ class TorchBackend:
                 seqs = torch.tensor(decodes)
             out[rows] = self._decode(q[rows], k_cache, v_cache, meta.block_tables[seqs],
                                      meta.seq_lens[seqs], lens, scale)
-        for i, n in enumerate(meta.query_lens_cpu):
-            if n == 1:
-                continue
-            start = meta.query_start_loc_cpu[i]
+        prefills = [i for i, n in enumerate(meta.query_lens_cpu) if n > 1]
+        if prefills:
+            self._prefills(out, q, k_cache, v_cache, meta, prefills, scale)
+        return out
+
+    def _prefills(self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
+                  scale: float) -> None:
+        """Attention of sequences `seqs` (several query rows each) into their rows of out."""
+        for i in seqs:
+            start, n = meta.query_start_loc_cpu[i], meta.query_lens_cpu[i]
             out[start:start + n] = self._prefill(q[start:start + n], k_cache, v_cache,
                                                  meta.block_tables[i], meta.seq_lens_cpu[i], scale)
-        return out
 
     @staticmethod
     def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""CPU attention: the paged decode C++ extension (cpu_paged_decode.cpp), its launcher, and the
-attention backend that uses it, with the fused layer ops of `cpu_layer_ops`.
+"""CPU attention: the paged decode and prefill C++ extensions (cpu_paged_decode.cpp,
+cpu_paged_prefill.cpp), their launchers, and the attention backend that uses them, with the fused
+layer ops of `cpu_layer_ops`.
 
-The extension is built for this machine's CPU and cached by `cpu_extension`; `make install`
-builds it ahead of time (`python -m workers.engine.cpu_attention`). Where it cannot build (no
-compiler, no ninja), `load()` returns None and callers keep their PyTorch path. The reference
-is `kernels.reference.paged_decode_ref`.
+Each extension is built for this machine's CPU and cached by `cpu_extension`; `make install`
+builds them ahead of time (`python -m workers.engine.cpu_attention`). Where one cannot build (no
+compiler, no ninja), its loader returns None and callers keep their PyTorch path. The references
+are `kernels.reference.paged_decode_ref` and `kernels.reference.paged_prefill_ref`.
 """
 from __future__ import annotations
 
@@ -19,14 +20,23 @@ from workers.engine import cpu_extension, cpu_layer_ops
 from workers.engine.attention import TorchBackend
 
 log = logging.getLogger("pagoda.engine")
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_paged_decode.cpp")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "cpu_paged_decode.cpp")
 NAME = "pagoda_cpu_paged_decode"
+PREFILL_SOURCE = os.path.join(HERE, "cpu_paged_prefill.cpp")
+PREFILL_NAME = "pagoda_cpu_paged_prefill"
 
 
 @functools.cache
 def load() -> ModuleType | None:
-    """The compiled extension, building it if needed; None where it cannot be built."""
+    """The compiled decode extension, building it if needed; None where it cannot be built."""
     return cpu_extension.try_build(NAME, SOURCE, "CPU attention kernel")
+
+
+@functools.cache
+def load_prefill() -> ModuleType | None:
+    """The compiled prefill extension, building it if needed; None where it cannot be built."""
+    return cpu_extension.try_build(PREFILL_NAME, PREFILL_SOURCE, "CPU prefill attention kernel")
 
 
 def paged_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -40,6 +50,20 @@ def paged_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return ext.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
+def paged_prefill_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                      seq_lens: torch.Tensor, seqs: torch.Tensor, out: torch.Tensor,
+                      scale: float) -> None:
+    """Causal attention of sequences `seqs` written into their rows of `out` (shaped as q).
+    Sequence i owns q rows query_start_loc[i]:[i+1], the last of its seq_lens[i] positions;
+    every index tensor is int32."""
+    ext = load_prefill()
+    if ext is None:
+        raise RuntimeError("the CPU prefill attention kernel could not be built")
+    ext.paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, seqs, out,
+                      scale)
+
+
 class CpuBackend(TorchBackend):
     """The torch backend with decode attention from the C++ kernel, which reads K/V straight
     from the cache blocks instead of gathering them first."""
@@ -50,8 +74,9 @@ class CpuBackend(TorchBackend):
         if load() is None:
             raise RuntimeError("attention backend 'cpu' needs the C++ kernel, which could not "
                                "be built (see the warning above)")
-        # the fused layer ops where they build, else the torch references
+        # the fused layer ops and the prefill kernel where they build, else the torch paths
         self.fused = cpu_layer_ops.load() is not None
+        self.prefill_kernel = load_prefill() is not None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +113,18 @@ class CpuBackend(TorchBackend):
     def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, lens, scale):
         return paged_decode_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
+    def _prefills(self, out, q, k_cache, v_cache, meta, seqs, scale):
+        if not self.prefill_kernel:
+            return super()._prefills(out, q, k_cache, v_cache, meta, seqs, scale)
+        paged_prefill_cpu(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                          meta.query_start_loc, meta.seq_lens,
+                          torch.tensor(seqs, dtype=torch.int32), out, scale)
+
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    built = load() is not None
-    print("CPU attention kernel: " +
-          (f"built in {cpu_extension.build_directory(NAME, SOURCE)}" if built else "unavailable"))
+    for name, source, loader in [(NAME, SOURCE, load),
+                                 (PREFILL_NAME, PREFILL_SOURCE, load_prefill)]:
+        built = loader() is not None
+        print(f"{name}: " + (f"built in {cpu_extension.build_directory(name, source)}"
+                             if built else "unavailable"))

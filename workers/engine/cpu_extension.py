@@ -4,7 +4,7 @@ Each extension is compiled on first use with the machine's C++ compiler for its 
 set (`-march=native`) and cached under $PAGODA_KERNEL_CACHE (default ~/.cache/pagoda/kernels),
 in a folder keyed by the CPU's feature flags (a cache shared between machines never hands one a
 binary it cannot run) and by the source's content and flags (an edited source always builds
-afresh).
+afresh; the headers beside it count as part of the source).
 Where it cannot build (no compiler, no ninja), `try_build` returns None and callers keep
 their PyTorch path.
 """
@@ -25,8 +25,12 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"]
 def build_directory(name: str, source: str, extra_flags: list[str] | None = None) -> str:
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
         flags = next((line for line in f if line.startswith("flags")), "")
-    with open(source, "rb") as f:
-        code = f.read()
+    folder = os.path.dirname(os.path.abspath(source))
+    code = b""
+    for path in [source] + sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                                  if n.endswith(".h")):
+        with open(path, "rb") as f:
+            code += f.read()
     build = f"{flags}{torch.__version__}{sys.version}{extra_flags or ''}"
     key = hashlib.sha256(build.encode() + code).hexdigest()
     root = os.environ.get("PAGODA_KERNEL_CACHE",

@@ -15,18 +15,11 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu_simd.h"
+
 namespace {
 
 constexpr int64_t kParallelElements = 1 << 16;
-
-inline float widen(float x) { return x; }
-inline float widen(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline float widen(c10::Half x) { return static_cast<float>(x); }
 
 // Round to nearest even, as c10's conversions do; written with plain bit operations so the
 // loops that call it vectorize.

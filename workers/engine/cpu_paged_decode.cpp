@@ -19,25 +19,13 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define PAGODA_AVX512 1
-#include <immintrin.h>
-#endif
+#include "cpu_simd.h"
 
 namespace {
 
 constexpr int64_t kItemsPerThread = 4;  // split contexts until each thread has this many items
 constexpr int64_t kMinSplitBlocks = 4;  // never split finer: each split costs a merge
 constexpr int64_t kPrefetchAhead = 1;   // blocks
-
-inline float widen(float x) { return x; }
-inline float widen(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline float widen(c10::Half x) { return static_cast<float>(x); }
 
 // exp for x <= 0 (softmax after subtracting the max): 2^n * 2^f with f in [-0.5, 0.5] and a
 // degree-6 polynomial for 2^f, about 1e-7 relative error; vectorizes, unlike std::exp.
