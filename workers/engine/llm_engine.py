@@ -141,7 +141,9 @@ class LLMEngine:
         self.last_step_time = 0.0
         outputs: list[RequestOutput] = []
         prev, self.in_flight = self.in_flight, None
-        if prev is not None and any(needs_history(s) for s in prev.sampling if not s.finished):
+        if prev is not None and any([needs_history(s) for s in prev.sampling
+                                     if not (s.history_free and s.grammar is None)
+                                     and not s.finished]):
             outputs, prev = self._complete(prev), None
         batch = self.scheduler.schedule()
         if batch:
@@ -166,14 +168,15 @@ class LLMEngine:
         """Launch the batch, then complete the step before it; if the launch raises, complete
         that step and run the batch the plain way, which isolates a failing request."""
         try:
-            self.faults.check([s.request_id for s in batch.seqs])
+            if self.faults.marked:
+                self.faults.check([s.request_id for s in batch.seqs])
             forward_start = time.perf_counter()
             tokens = prev.sampled.token_ids if prev and prev.sampled else None
             logits = self.runner.execute(batch, tokens, prev.rows if prev else None)
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                        if s.num_computed_tokens + n == s.num_scheduled_tokens]
+                        if s.num_computed_tokens + n == len(s.token_ids) + s.num_pending]
             sampled = (self.sampler.sample(logits.sample, sampling)
                        if logits.sample is not None else None)
         except EngineDeadError:
@@ -196,9 +199,10 @@ class LLMEngine:
             seq.num_pending += 1
         self.in_flight = InFlight(batch.seqs, sampling, sampled)
         outputs = self._complete(prev) if prev is not None else []
+        cache_full_blocks = self.block_manager.cache_full_blocks
         for seq in batch.seqs:  # every input token is known now: register full blocks
-            if not seq.finished:
-                self.block_manager.cache_full_blocks(seq)
+            if seq.status is not SequenceStatus.FINISHED:
+                cache_full_blocks(seq)
         return outputs
 
     def _complete(self, step: InFlight) -> list[RequestOutput]:
@@ -207,11 +211,11 @@ class LLMEngine:
             return []
         sampled = step.sampled.resolve()
         outputs = []
-        for i, seq in enumerate(step.sampling):
+        for seq, token, logprob in zip(step.sampling, sampled.token_ids, sampled.logprobs,
+                                       strict=True):
             seq.num_pending -= 1
-            if not seq.finished:
-                outputs.append(self._append_token(seq, sampled.token_ids[i],
-                                                  sampled.logprobs[i]))
+            if seq.status is not SequenceStatus.FINISHED:
+                outputs.append(self._append_token(seq, token, logprob))
         return outputs
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
@@ -249,8 +253,9 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             cache_full_blocks(seq)
-        return [self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i])
-                for i, seq in enumerate(sampling)]
+        append = self._append_token
+        return [append(seq, token, logprob) for seq, token, logprob in
+                zip(sampling, sampled.token_ids, sampled.logprobs, strict=True)]
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         token_ids = seq.token_ids

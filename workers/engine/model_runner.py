@@ -206,7 +206,9 @@ class ModelRunner:
         """This rank's part of one step; the logits on the driver, None on other ranks."""
         input_ids, positions, meta = self.inputs(plan)
         if plan.pending:  # inputs sampled by the previous step: copied device to device
-            rows, sources = torch.tensor(plan.pending).to(self.device, non_blocking=True).T
+            pairs = torch.from_numpy(np.array(plan.pending, dtype=np.int64))  # 4x torch.tensor
+            pairs = pairs.to(self.device, non_blocking=True)
+            rows, sources = pairs[:, 0], pairs[:, 1]
             assert sampled is not None, "a plan with pending inputs comes with their tokens"
             input_ids[rows] = sampled[sources]
         if self.graphs is not None and self.graphs.can_run(meta):

@@ -38,14 +38,17 @@ class Sequence:
     _hashes: list[int] = field(default_factory=list, repr=False)
     # greedy with nothing to apply to its logits (a grammar is checked apart): argmax alone
     plain_greedy: bool = field(default=False, init=False, repr=False)
+    # no penalties or min_tokens (a grammar is checked apart): sampling reads no past tokens
+    history_free: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         p = self.params
-        self.plain_greedy = p.greedy and p.logprobs is None and not p.logit_bias and \
-            not p.min_tokens and not p.presence_penalty and not p.frequency_penalty and \
-            p.repetition_penalty == 1.0
+        self.history_free = not p.min_tokens and not p.presence_penalty and \
+            not p.frequency_penalty and p.repetition_penalty == 1.0
+        self.plain_greedy = self.history_free and p.greedy and p.logprobs is None and \
+            not p.logit_bias
 
     @property
     def num_tokens(self) -> int:
@@ -72,7 +75,8 @@ class Sequence:
     def reaches_max_tokens(self) -> bool:
         """Its pending tokens end it by max_tokens: nothing more to compute."""
         limit = self.params.max_tokens
-        return limit is not None and self.num_output_tokens + self.num_pending >= limit
+        return limit is not None and \
+            len(self.token_ids) - len(self.prompt_token_ids) + self.num_pending >= limit
 
     @property
     def finished(self) -> bool:
