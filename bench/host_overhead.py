@@ -124,9 +124,11 @@ def instrument(engine, totals: dict[str, float]) -> None:
 
 
 def run_scenario(engine, decodes: int, prefill: int, steps: int, corpus: list[int],
-                 rng: random.Random, totals: dict[str, float]) -> list[tuple[float, float]]:
-    """(seconds, seconds in argmax) per timed step, each step's full `step()` (and the
-    stand-in's ~0 forward); totals holds the phase times of the timed steps only."""
+                 rng: random.Random, totals: dict[str, float]
+                 ) -> list[tuple[float, float, float]]:
+    """(seconds, seconds in argmax, seconds reading its outputs' text afterwards) per timed
+    step, each step's full `step()` (and the stand-in's ~0 forward); totals holds the phase
+    times of the timed steps only."""
     from workers.engine.sampling_params import SamplingParams
 
     budget = WARMUP_STEPS + steps + 8
@@ -145,8 +147,12 @@ def run_scenario(engine, decodes: int, prefill: int, steps: int, corpus: list[in
                                one_token)
         with ArgmaxTimer() as kernel:
             start = time.perf_counter()
-            engine.step()
-            times.append((time.perf_counter() - start, kernel.seconds))
+            outputs = engine.step()
+            step = time.perf_counter() - start
+        start = time.perf_counter()
+        for out in outputs:  # text decoded on read (no stop strings): the reader's time
+            out.text  # noqa: B018
+        times.append((step, kernel.seconds, time.perf_counter() - start))
     timed = dict(totals)
     engine.abort_all()
     while engine.has_unfinished():
@@ -194,15 +200,16 @@ def measure(overlap: bool = False) -> dict[str, dict[str, float]]:
     totals: dict[str, float] = defaultdict(float)
     for name, decodes, prefill, steps in SCENARIOS:
         times = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0), totals)
-        host = [t - k for t, k in times]
-        results[name] = {"step": 1e3 * statistics.median(t for t, _ in times),
-                         "argmax": 1e3 * statistics.median(k for _, k in times),
-                         "host": 1e3 * statistics.median(host)}
+        host = [t - k for t, k, _ in times]
+        results[name] = {"step": 1e3 * statistics.median(t for t, _, _ in times),
+                         "argmax": 1e3 * statistics.median(k for _, k, _ in times),
+                         "host": 1e3 * statistics.median(host),
+                         "text read": 1e3 * statistics.median(r for _, _, r in times)}
     instrument(engine, totals)
     for name, decodes, prefill, steps in SCENARIOS:
         times = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0), totals)
         ms = {phase: 1e3 * t / steps for phase, t in totals.items()}
-        ms["other"] = 1e3 * sum(t for t, _ in times) / steps - sum(ms.values())
+        ms["other"] = 1e3 * sum(t for t, _, _ in times) / steps - sum(ms.values())
         results[name].update(ms)
     engine.close()
     return results
@@ -233,13 +240,14 @@ def table(results: dict, before: dict | None, ref: str) -> str:
 
     headers = ["scenario", "host ms/step"]
     headers += [f"host ms/step at {ref}", "speed-up"] if before else []
-    headers += ["step ms", "argmax kernel ms"] + [f"{p} ms" for p in PHASES]
+    headers += ["step ms", "argmax kernel ms", "text read ms"] + [f"{p} ms" for p in PHASES]
     rows = []
     for name, r in results.items():
         row = [name, f"{r['host']:.3f}"]
         if before:
             row += [f"{before[name]['host']:.3f}", f"{before[name]['host'] / r['host']:.1f}x"]
-        row += [f"{r['step']:.3f}", f"{r['argmax']:.3f}"]
+        row += [f"{r['step']:.3f}", f"{r['argmax']:.3f}",
+                f"{r['text read']:.3f}" if "text read" in r else "-"]
         rows.append(row + [f"{r.get(p, 0.0):.3f}" for p in PHASES])
     return markdown_table(headers, rows)
 
@@ -272,7 +280,9 @@ def main() -> None:
         "real [rows, 49152] shape), so every millisecond is host work: scheduling, input "
         "preparation, sampling, detokenization and stop checks, output objects. Host = median "
         "over steps of the step minus its greedy argmax over [rows, 49152] logits (device "
-        "work on a GPU, timed inline). "
+        "work on a GPU, timed inline). Text read = reading every output's `text` after the "
+        "step: requests without stop strings are decoded then, by the reader (the replica's "
+        "event loop), not in the step; not part of host. "
         "Phase columns come from a second, instrumented pass (ms per step; `sample` includes "
         "the argmax; timer cost lands in other). One CPU thread for torch.\n\n" + body))
 

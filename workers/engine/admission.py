@@ -50,6 +50,8 @@ def new_sequence(request_id: str, prompt_token_ids: list[int], params: SamplingP
                                   params.skip_special_tokens)
     if params.prior_output is not None:
         replay_prior_output(seq, params.prior_output, vocab_size, device)
+    if not params.stop:  # no text needed to decide its end: decoded when outputs are read
+        seq.detokenizer.defer(seq.token_ids)
     return seq
 
 

@@ -108,9 +108,9 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register seq's newly computed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
         full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or full <= seq.num_registered_blocks:
+            return  # no block filled up since the last call
         hashes = seq.block_hashes(self.block_size)
         for i in range(seq.num_registered_blocks, min(full, len(hashes))):
             block = self.blocks[seq.block_table[i]]

@@ -6,12 +6,20 @@ Otherwise text is decoded over a short window of recent tokens. Either way a del
 released only when it does not end in an incomplete UTF-8 character. When stop strings are
 set, the last `max(len(stop)) - 1` characters are held back so a stop string split across
 tokens is never emitted.
+
+A request without stop strings needs no text to decide when it ends, so its text is decoded
+only when an output's `text` is read (`defer`, then `claim` per output): the engine loop does
+no text work for it, the reader (an event loop, a front end) does.
 """
 from __future__ import annotations
+
+import threading
 
 from tokenizers.decoders import DecodeStream
 
 REPLACEMENT = "\ufffd"
+# (detokenizer, begin, end): an output's text, source[begin:end] decoded when first read
+DeferredText = tuple["Detokenizer", int, int]
 
 
 class Detokenizer:
@@ -30,6 +38,11 @@ class Detokenizer:
         self.backend = backend
         self.stream = None if backend is None else \
             DecodeStream(self.ids, skip_special_tokens=skip_special_tokens)
+        self.source: list[int] | None = None  # deferred: the token list decoded on read
+        self.claimed = 0  # deferred: tokens of `source` handed to outputs so far
+        self.ends: list[int] = []  # deferred: len(text) after each decoded token, from `base`
+        self.base = 0
+        self.lock = threading.Lock()  # deferred text is decoded on the reader's thread
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -62,6 +75,39 @@ class Detokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix):]
 
+    @property
+    def deferred(self) -> bool:
+        return self.source is not None
+
+    def defer(self, token_ids: list[int]) -> None:
+        """Decode token_ids past their current length only when an output's text is read
+        (stop strings need the text at once, so only without them)."""
+        assert not self.stop, "stop strings are checked on the text as tokens arrive"
+        self.source = token_ids
+        self.base = self.claimed = len(token_ids)
+        self.ends = [self.emitted]
+
+    def claim(self, end: int) -> DeferredText | None:
+        """source[claimed:end] for one output, decoded when read; None when it adds none."""
+        begin = self.claimed
+        if end <= begin:
+            return None
+        self.claimed = end
+        return (self, begin, end)
+
+    def text_between(self, begin: int, end: int) -> str:
+        """The text released by source[begin:end] (positions claimed by one output)."""
+        with self.lock:
+            assert self.source is not None, "text_between needs defer first"
+            ends = self.ends
+            for i in range(self.base + len(ends) - 1, end):
+                new = self._step(self.source[i])
+                if new:
+                    self.text += new
+                ends.append(len(self.text))
+            self.emitted = ends[-1]
+            return self.text[ends[begin - self.base]:ends[end - self.base]]
+
     def skip(self, num_chars: int) -> None:
         """Count the first num_chars of the text as already returned."""
         self.emitted = min(num_chars, len(self.text))
@@ -73,3 +119,4 @@ class Detokenizer:
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
+

@@ -14,6 +14,7 @@ for the runner to fill on the device.
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -35,22 +36,30 @@ class BlockTableRows:
         self.written = [0] * num_rows  # leading entries of the row already copied
         self.free = list(range(num_rows - 1, -1, -1))
 
+    def rows_of(self, seqs: list[Sequence]) -> list[int]:
+        """Each sequence's row, its table brought up to date."""
+        rows = self.rows
+        out = []
+        for seq in seqs:
+            table = seq.block_table
+            row = rows.get(seq.request_id)
+            if row is None:
+                row = self.free.pop() if self.free else rows.popitem(last=False)[1]
+                rows[seq.request_id] = row
+            else:
+                rows.move_to_end(seq.request_id)
+            if self.source[row] is not table:  # a newcomer, or a table reset by preemption
+                self.source[row], self.written[row] = table, 0
+            done = self.written[row]
+            if done < len(table):
+                self.table[row, done:len(table)] = table[done:]
+                self.written[row] = len(table)
+            out.append(row)
+        return out
+
     def row(self, seq: Sequence) -> int:
         """seq's row, its table brought up to date."""
-        table = seq.block_table
-        row = self.rows.get(seq.request_id)
-        if row is None:
-            row = self.free.pop() if self.free else self.rows.popitem(last=False)[1]
-            self.rows[seq.request_id] = row
-        else:
-            self.rows.move_to_end(seq.request_id)
-        if self.source[row] is not table:  # a newcomer, or a table reset by preemption
-            self.source[row], self.written[row] = table, 0
-        done = self.written[row]
-        if done < len(table):
-            self.table[row, done:len(table)] = table[done:]
-            self.written[row] = len(table)
-        return row
+        return self.rows_of([seq])[0]
 
     def release(self, request_id: str) -> None:
         row = self.rows.pop(request_id, None)
@@ -71,39 +80,46 @@ class InputBatch:
     def plan(self, batch: ScheduledBatch, sampled_rows: dict[str, int] | None = None) -> StepPlan:
         """Flatten the batch into the plan every rank runs; sampled_rows: the row of each
         request's token in the step in flight."""
-        rows, begins, token_ids = [], [], []
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        rows = self.tables.rows_of(seqs)
+        begins = [seq.num_computed_tokens for seq in seqs]
+        token_ids: list[int] = []
         pending: list[tuple[int, int]] = []
-        sample_rows: list[int] = []
-        prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
-        width = start = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            rows.append(self.tables.row(seq))
-            begin = seq.num_computed_tokens
-            begins.append(begin)
-            if n == 1 and begin == seq.num_tokens:  # its input is the token in flight
+        start = 0
+        for seq, begin, n in zip(seqs, begins, counts, strict=True):
+            ids = seq.token_ids
+            if begin < len(ids):
+                token_ids += ids[begin:begin + n]
+            else:  # its input is the token in flight
                 assert sampled_rows is not None, "a token in flight needs the step it is in"
                 pending.append((start, sampled_rows[seq.request_id]))
                 token_ids.append(0)
-            elif n == 1:
-                token_ids.append(seq.token_ids[begin])
-            else:
-                token_ids += seq.token_ids[begin:begin + n]
-            width = max(width, len(seq.block_table))
             start += n
-            if begin + n == seq.num_scheduled_tokens:
-                sample_rows.append(start - 1)
-            if seq.params.prompt_logprobs is not None and begin < seq.num_prompt_tokens - 1:
-                # row j predicts the token at position begin + j + 1
-                prompt_rows.append((i, start - n, min(n, seq.num_prompt_tokens - 1 - begin)))
-        counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
-        starts = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        begin_arr = np.asarray(begins, dtype=np.int64)
-        owner = np.repeat(np.arange(len(counts)), counts)  # the batch index of every token
-        positions = np.arange(start, dtype=np.int64) + np.repeat(begin_arr - starts[:-1], counts)
+        starts = list(itertools.accumulate(counts, initial=0))
+        ends = [b + n for b, n in zip(begins, counts, strict=True)]
+        # a sequence samples when this step reaches its last known (or in-flight) token
+        scheduled = [len(s.token_ids) + s.num_pending for s in seqs]
+        sample_rows = list(range(start)) if ends == scheduled and start == len(seqs) else [
+            last - 1 for last, end, known in zip(starts[1:], ends, scheduled, strict=True)
+            if end == known]
+        prompt_rows = [  # (batch index, first row, count): row j predicts position begin + j + 1
+            (i, starts[i], min(counts[i], len(seq.prompt_token_ids) - 1 - begins[i]))
+            for i, seq in enumerate(seqs) if seq.params.prompt_logprobs is not None
+            and begins[i] < len(seq.prompt_token_ids) - 1]
+        width = max([len(seq.block_table) for seq in seqs])
         tables = self.tables.table[rows, :width]
+        begin_arr = np.fromiter(begins, dtype=np.int64, count=len(begins))
+        if start == len(seqs):  # decodes only: one token per sequence
+            positions, owner = begin_arr, np.arange(start)
+        else:
+            counts_arr = np.fromiter(counts, dtype=np.int64, count=len(counts))
+            owner = np.repeat(np.arange(len(counts)), counts_arr)  # batch index of each token
+            first = np.fromiter(starts[:-1], dtype=np.int64, count=len(counts))
+            positions = np.arange(start, dtype=np.int64) + np.repeat(begin_arr - first,
+                                                                     counts_arr)
         bs = self.block_size
         slots = tables[owner, positions // bs] * bs + positions % bs
-        return StepPlan(torch.tensor(token_ids, dtype=torch.int64), torch.from_numpy(positions),
-                        torch.from_numpy(slots), starts.tolist(), (begin_arr + counts).tolist(),
-                        torch.from_numpy(tables), sample_rows, prompt_rows, pending)
+        id_arr = np.fromiter(token_ids, np.int64, len(token_ids))
+        return StepPlan(torch.from_numpy(id_arr), torch.from_numpy(positions),
+                        torch.from_numpy(slots), starts, ends, torch.from_numpy(tables),
+                        sample_rows, prompt_rows, pending)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from workers.engine.grammar import GrammarCompiler
 
 log = logging.getLogger("pagoda.engine")
+PREFILL_KEY = 1 << 40  # sorts a prefill after every decode
 
 
 class LLMEngine:
@@ -140,15 +141,19 @@ class LLMEngine:
         self.last_step_time = 0.0
         outputs: list[RequestOutput] = []
         prev, self.in_flight = self.in_flight, None
-        if prev is not None and any(needs_history(s) for s in prev.sampling if not s.finished):
+        if prev is not None and any([needs_history(s) for s in prev.sampling
+                                     if not (s.history_free and s.grammar is None)
+                                     and not s.finished]):
             outputs, prev = self._complete(prev), None
         batch = self.scheduler.schedule()
         if batch:
             # decodes first, shortest context first: attention backends batch them in slices
-            order = sorted(range(len(batch)), key=lambda i: (batch.num_new_tokens[i] > 1,
-                                                             batch.seqs[i].num_computed_tokens))
-            batch.seqs = [batch.seqs[i] for i in order]
-            batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
+            keys = [s.num_computed_tokens if n == 1 else PREFILL_KEY + s.num_computed_tokens
+                    for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
+            if keys != sorted(keys):  # steady decodes keep their order: nothing to move
+                order = sorted(range(len(keys)), key=keys.__getitem__)
+                batch.seqs = [batch.seqs[i] for i in order]
+                batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
             if self.async_scheduling:
                 outputs += self._launch_or_run(batch, prev)
                 prev = None
@@ -163,14 +168,15 @@ class LLMEngine:
         """Launch the batch, then complete the step before it; if the launch raises, complete
         that step and run the batch the plain way, which isolates a failing request."""
         try:
-            self.faults.check([s.request_id for s in batch.seqs])
+            if self.faults.marked:
+                self.faults.check([s.request_id for s in batch.seqs])
             forward_start = time.perf_counter()
             tokens = prev.sampled.token_ids if prev and prev.sampled else None
             logits = self.runner.execute(batch, tokens, prev.rows if prev else None)
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                        if s.num_computed_tokens + n == s.num_scheduled_tokens]
+                        if s.num_computed_tokens + n == len(s.token_ids) + s.num_pending]
             sampled = (self.sampler.sample(logits.sample, sampling)
                        if logits.sample is not None else None)
         except EngineDeadError:
@@ -193,9 +199,10 @@ class LLMEngine:
             seq.num_pending += 1
         self.in_flight = InFlight(batch.seqs, sampling, sampled)
         outputs = self._complete(prev) if prev is not None else []
+        cache_full_blocks = self.block_manager.cache_full_blocks
         for seq in batch.seqs:  # every input token is known now: register full blocks
-            if not seq.finished:
-                self.block_manager.cache_full_blocks(seq)
+            if seq.status is not SequenceStatus.FINISHED:
+                cache_full_blocks(seq)
         return outputs
 
     def _complete(self, step: InFlight) -> list[RequestOutput]:
@@ -204,11 +211,11 @@ class LLMEngine:
             return []
         sampled = step.sampled.resolve()
         outputs = []
-        for i, seq in enumerate(step.sampling):
+        for seq, token, logprob in zip(step.sampling, sampled.token_ids, sampled.logprobs,
+                                       strict=True):
             seq.num_pending -= 1
-            if not seq.finished:
-                outputs.append(self._append_token(seq, sampled.token_ids[i],
-                                                  sampled.logprobs[i]))
+            if seq.status is not SequenceStatus.FINISHED:
+                outputs.append(self._append_token(seq, token, logprob))
         return outputs
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
@@ -216,7 +223,8 @@ class LLMEngine:
         it is in fails by itself. Nothing is committed before the forward and sampling succeed,
         and a rerun rewrites the same KV slots."""
         try:
-            self.faults.check([s.request_id for s in batch.seqs])
+            if self.faults.marked:
+                self.faults.check([s.request_id for s in batch.seqs])
             forward_start = time.perf_counter()
             logits = self.runner.execute(batch)
             if self.runner.device.type == "cuda":
@@ -224,7 +232,7 @@ class LLMEngine:
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                        if s.num_computed_tokens + n == s.num_tokens]
+                        if s.num_computed_tokens + n == len(s.token_ids)]
             # the logits' sample rows are exactly the sequences in `sampling`
             sampled = (self.sampler(logits.sample, sampling) if logits.sample is not None
                        else SamplerOutput([], []))
@@ -241,33 +249,44 @@ class LLMEngine:
             return []
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
+        cache_full_blocks = self.block_manager.cache_full_blocks
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
-        return [self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i])
-                for i, seq in enumerate(sampling)]
+            cache_full_blocks(seq)
+        append = self._append_token
+        return [append(seq, token, logprob) for seq, token, logprob in
+                zip(sampling, sampled.token_ids, sampled.logprobs, strict=True)]
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
-        seq.token_ids.append(token)
+        token_ids = seq.token_ids
+        token_ids.append(token)
+        num_tokens = len(token_ids)
+        num_output = num_tokens - len(seq.prompt_token_ids)
         params = seq.params
+        detokenizer = seq.detokenizer
+        grammar = seq.grammar
+        min_done = num_output >= params.min_tokens
+        if grammar is not None:
+            grammar.accept(token)
         finish = None
-        min_done = seq.num_output_tokens >= params.min_tokens
-        if seq.grammar is not None:
-            seq.grammar.accept(token)
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
-        if (token in params.stop_token_ids or is_eos) and min_done:
+        text_end = num_tokens
+        if min_done and (token in params.stop_token_ids or (
+                token in self.eos_token_ids and not params.ignore_eos)):
             finish = "stop"  # the stop token's own text is not part of the output
-        elif seq.detokenizer.add_token(token, check_stop=min_done) is not None:
+            text_end -= 1
+        elif detokenizer.source is None and \
+                detokenizer.add_token(token, check_stop=min_done) is not None:
             finish = "stop"  # a stop string
-        elif seq.grammar is not None and seq.grammar.terminated:
+        elif grammar is not None and grammar.terminated:
             finish = "stop"
         if finish is None and ((params.max_tokens is not None and
-                                seq.num_output_tokens >= params.max_tokens) or
-                               seq.num_tokens >= self.max_model_len):
+                                num_output >= params.max_tokens) or
+                               num_tokens >= self.max_model_len):
             finish = "length"
         if finish is not None:
             self._finish(seq, finish)
-        return request_output(seq, [token], [logprob] if logprob is not None else [], finish)
+        return request_output(seq, [token], None if logprob is None else [logprob], finish,
+                              text_end)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         begin = seq.num_computed_tokens  # not yet advanced for this step

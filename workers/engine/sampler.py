@@ -66,6 +66,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         # the runner's logits are this step's scratch: modified in place, never copied whole
         logits = logits[:, : self.vocab_size].float()
+        if all([s.plain_greedy and s.grammar is None for s in seqs]):
+            return SampledTokens(logits.argmax(dim=-1), None, [None] * len(seqs))
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(
             k is not None for k in want_logprobs) else None

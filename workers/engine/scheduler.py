@@ -50,26 +50,27 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        seqs, counts = batch.seqs, batch.num_new_tokens
         budget = self.max_num_batched_tokens
-        preempted = False
+        preemptions = self.num_preemptions
+        running = self.running
+        room = self.block_manager.block_size  # tokens per block
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
             if seq.num_pending and seq.reaches_max_tokens:
                 i += 1  # finishes when its last token reaches the host
                 continue
-            n = min(seq.num_scheduled_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, n):
-                victim = self.running.pop()  # newest first
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
-                budget -= n
-                i += 1
+            computed = seq.num_computed_tokens
+            n = min(len(seq.token_ids) + seq.num_pending - computed, budget)
+            # a decode usually fits in its last block: no allocation to try
+            if computed + n > len(seq.block_table) * room and not self._allocate(seq, n):
+                continue  # seq itself was preempted: running ends before index i now
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+            i += 1
+        preempted = self.num_preemptions > preemptions
         # Admit waiting sequences only when nothing had to be preempted this step.
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
@@ -90,6 +91,16 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def _allocate(self, seq: Sequence, n: int) -> bool:
+        """Blocks for n more tokens of running seq, preempting the newest running sequences
+        until they fit; False if seq itself had to go."""
+        while not self.block_manager.allocate(seq, n):
+            victim = self.running.pop()  # newest first
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _count_prefix_lookup(self, seq: Sequence, num_cached: int) -> None:
         if seq.num_preemptions == 0:  # count each prompt once, not its recomputes

@@ -36,10 +36,19 @@ class Sequence:
     # filled during prefill when params ask for them
     prompt_logprobs: list[TokenLogprob | None] | None = None
     _hashes: list[int] = field(default_factory=list, repr=False)
+    # greedy with nothing to apply to its logits (a grammar is checked apart): argmax alone
+    plain_greedy: bool = field(default=False, init=False, repr=False)
+    # no penalties or min_tokens (a grammar is checked apart): sampling reads no past tokens
+    history_free: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        p = self.params
+        self.history_free = not p.min_tokens and not p.presence_penalty and \
+            not p.frequency_penalty and p.repetition_penalty == 1.0
+        self.plain_greedy = self.history_free and p.greedy and p.logprobs is None and \
+            not p.logit_bias
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +75,8 @@ class Sequence:
     def reaches_max_tokens(self) -> bool:
         """Its pending tokens end it by max_tokens: nothing more to compute."""
         limit = self.params.max_tokens
-        return limit is not None and self.num_output_tokens + self.num_pending >= limit
+        return limit is not None and \
+            len(self.token_ids) - len(self.prompt_token_ids) + self.num_pending >= limit
 
     @property
     def finished(self) -> bool:
@@ -82,20 +92,20 @@ class Sequence:
         return hashes
 
 
-def request_output(seq: Sequence, tokens: list[int], logprobs: list,
-                   finish: str | None) -> RequestOutput:
-    """seq's delta since its previous output: these tokens and the text they completed."""
+def request_output(seq: Sequence, tokens: list[int], logprobs: list | None,
+                   finish: str | None, text_end: int | None = None) -> RequestOutput:
+    """seq's delta since its previous output: these tokens and the text they completed
+    (`text_end`: tokens of token_ids with text, for a deferred detokenizer; None: no new)."""
+    detokenizer = seq.detokenizer
+    if detokenizer.source is None:
+        text, deferred = detokenizer.take(finished=finish is not None), None
+    else:
+        text, deferred = "", None if text_end is None else detokenizer.claim(text_end)
     return RequestOutput(
-        request_id=seq.request_id,
-        text=seq.detokenizer.take(finished=finish is not None),
-        token_ids=tokens,
-        logprobs=logprobs if seq.params.logprobs is not None else None,
-        finish_reason=finish,
-        prompt_tokens=seq.num_prompt_tokens,
-        completion_tokens=seq.num_output_tokens,
-        cached_tokens=seq.num_cached_tokens,
-        prompt_logprobs=take_prompt_logprobs(seq),
-    )
+        seq.request_id, text, tokens, logprobs if seq.params.logprobs is not None else None,
+        finish, len(seq.prompt_token_ids), len(seq.token_ids) - len(seq.prompt_token_ids),
+        seq.num_cached_tokens, take_prompt_logprobs(seq) if seq.prompt_logprobs else None,
+        deferred)
 
 
 def take_prompt_logprobs(seq: Sequence) -> list | None:
