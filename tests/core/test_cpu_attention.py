@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kernels.reference import paged_decode_ref
+from tests.core.cpu_kernel_cases import DTYPES, TOLERANCE, scattered_caches
 from workers.engine import cpu_attention, cpu_extension
 from workers.engine.attention import TorchBackend
 from workers.engine.backends import get_backend
@@ -12,27 +13,16 @@ from workers.engine.cpu_attention import CpuBackend
 
 needs_kernel = pytest.mark.skipif(cpu_attention.load() is None,
                                   reason="the C++ kernel did not build on this machine")
-TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 2e-5},
-             torch.float16: {"atol": 5e-3, "rtol": 5e-3},
-             torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
 # (group, head_dim, block_size): GQA ratios 1/3/4/8, head dims 64/128 and odd ones, block sizes
 SHAPES = [(1, 64, 16), (3, 64, 16), (3, 128, 8), (4, 64, 16), (8, 64, 32), (1, 128, 1),
           (3, 80, 12), (4, 40, 16)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def cpu_case(group: int, head_dim: int, block_size: int, dtype: torch.dtype,
              seq_lens: list[int], num_kv_heads: int = 2):
     """Caches with each sequence's blocks scattered at random; tables padded with block 0."""
-    need = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(need) + 3
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
-    perm = torch.randperm(num_blocks).tolist()
-    tables = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
-    for i, k in enumerate(need):
-        tables[i, :k] = torch.tensor(perm[:k], dtype=torch.int32)
-        perm = perm[k:]
+    k_cache, v_cache, tables = scattered_caches(seq_lens, block_size, num_kv_heads, head_dim,
+                                                dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, dtype=dtype)
     return q, k_cache, v_cache, tables, lens

@@ -6,34 +6,24 @@ import pytest
 import torch
 
 from kernels.reference import paged_prefill_ref
+from tests.core.cpu_kernel_cases import DTYPES, TOLERANCE, scattered_caches
 from workers.engine import cpu_attention, cpu_extension
 from workers.engine.attention import AttentionMetadata, TorchBackend
 from workers.engine.cpu_attention import CpuBackend
 
 needs_kernel = pytest.mark.skipif(cpu_attention.load_prefill() is None,
                                   reason="the C++ prefill kernel did not build on this machine")
-TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 2e-5},
-             torch.float16: {"atol": 5e-3, "rtol": 5e-3},
-             torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
 # (group, head_dim, block_size): head dims with register paths (32/64/96/128) and without (40, 80)
 SHAPES = [(1, 64, 16), (3, 64, 16), (4, 128, 8), (8, 32, 32), (3, 96, 16), (2, 80, 12),
           (4, 40, 16), (1, 128, 1)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def prefill_case(group: int, head_dim: int, block_size: int, dtype: torch.dtype,
                  query_lens: list[int], seq_lens: list[int], num_kv_heads: int = 2):
     """A flattened batch: sequence i has query_lens[i] new rows ending its seq_lens[i] positions
     (the rest a cached prefix), its blocks scattered at random over the cache."""
-    need = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(need) + 3
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
-    perm = torch.randperm(num_blocks).tolist()
-    tables = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
-    for i, k in enumerate(need):
-        tables[i, :k] = torch.tensor(perm[:k], dtype=torch.int32)
-        perm = perm[k:]
+    k_cache, v_cache, tables = scattered_caches(seq_lens, block_size, num_kv_heads, head_dim,
+                                                dtype)
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)

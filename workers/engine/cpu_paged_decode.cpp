@@ -3,11 +3,12 @@
 //
 // A work item is a run of one sequence's blocks, all heads at once, so every cache block is
 // streamed once, whole and in order, while the next one is prefetched a share per head.
-// Softmax is online (one pass over K and V per block, fp32 running max and sum). Short batches split long contexts
-// into several items per sequence and merge the partial results by log-sum-exp at the end
-// (flash-decoding), so every thread has work at batch 1. Threads take items from a shared
-// counter, so uneven lengths still balance. Inner loops use AVX-512 (and AVX512-BF16 dot
-// products for bf16) where the compiler targets them, portable SIMD loops otherwise.
+// Softmax is online (one pass over K and V per block, fp32 running max and sum). Short batches
+// split long contexts into several items per sequence and merge the partial results by
+// log-sum-exp at the end (flash-decoding), so every thread has work at batch 1. Threads take
+// items from a shared counter, so uneven lengths still balance. Inner loops use AVX-512 (and
+// AVX512-BF16 dot products for bf16) where the compiler targets them, portable SIMD loops
+// otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -133,7 +133,8 @@ inline void store_rows(const Row* rows, const float (&l)[R], __m512 (&acc)[R][V]
                             _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
 #ifdef __AVX512BF16__
       else if constexpr (std::is_same_v<T, c10::BFloat16>)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * v), (__m256i)_mm512_cvtneps_pbh(y));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * v),
+                            (__m256i)_mm512_cvtneps_pbh(y));
 #endif
       else
         for (int i = 0; i < 16; ++i) o[16 * v + i] = static_cast<T>(y[i]);
@@ -154,53 +155,51 @@ inline void add_values(const __m512 (&p)[R], const float* values, __m512 (&acc)[
     }
 }
 
-// R rows against the fp32-packed keys and values; V = head_dim / 16.
+// R rows of attention over the packed keys and values; V = head_dim / 16. `scores(c, s)` fills
+// s with the rows' raw scores against key chunk c; the rest is the same for every dtype.
+template <typename T, int R, int V, typename Scores>
+inline void attend_rows(const Row* rows, const Packed& p, float scale, Scores scores) {
+  __m512 acc[R][V];
+  float m[R], l[R];
+  int64_t last = 0;
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    last = std::max(last, rows[r].last_key);
+  }
+  for (int64_t c = 0; c <= last / kKeys; ++c) {
+    __m512 s[R];
+    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_ps();
+    scores(c, s);
+    softmax_chunk<R, V>(s, rows, c, scale, m, l, acc);
+    add_values<R, V>(s, p.vf.data() + c * kKeys * 16 * V, acc);
+  }
+  store_rows<T, R, V>(rows, l, acc);
+}
+
+// fp32 (or widened) queries against fp32 keys
 template <typename T, int R, int V>
 void rows_fp32(const Row* rows, const Packed& p, float scale) {
   constexpr int64_t D = 16 * V;
   float q[R][D];
   for (int r = 0; r < R; ++r)
     for (int64_t d = 0; d < D; ++d) q[r][d] = widen(static_cast<const T*>(rows[r].q)[d]);
-  __m512 acc[R][V];
-  float m[R], l[R];
-  for (int r = 0; r < R; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.f;
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  int64_t last = 0;
-  for (int r = 0; r < R; ++r) last = std::max(last, rows[r].last_key);
-  for (int64_t c = 0; c <= last / kKeys; ++c) {
-    __m512 s[R];
-    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_ps();
+  attend_rows<T, R, V>(rows, p, scale, [&](int64_t c, __m512 (&s)[R]) {
     const float* kt = p.kf.data() + c * D * kKeys;
     for (int64_t d = 0; d < D; ++d) {
       const __m512 k = _mm512_loadu_ps(kt + d * kKeys);
       for (int r = 0; r < R; ++r) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k, s[r]);
     }
-    softmax_chunk<R, V>(s, rows, c, scale, m, l, acc);
-    add_values<R, V>(s, p.vf.data() + c * kKeys * D, acc);
-  }
-  store_rows<T, R, V>(rows, l, acc);
+  });
 }
 
 #ifdef __AVX512BF16__
-// R bf16 rows against the pair-packed keys (exact products summed in fp32) and fp32 values.
+// bf16 queries against pair-packed bf16 keys: exact products summed in fp32
 template <int R, int V>
 void rows_bf16(const Row* rows, const Packed& p, float scale) {
-  constexpr int64_t D = 16 * V, pairs = D / 2;
-  __m512 acc[R][V];
-  float m[R], l[R];
-  for (int r = 0; r < R; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.f;
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  int64_t last = 0;
-  for (int r = 0; r < R; ++r) last = std::max(last, rows[r].last_key);
-  for (int64_t c = 0; c <= last / kKeys; ++c) {
-    __m512 s[R];
-    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_ps();
+  constexpr int64_t pairs = 8 * V;
+  attend_rows<c10::BFloat16, R, V>(rows, p, scale, [&](int64_t c, __m512 (&s)[R]) {
     const uint32_t* kt = p.k.data() + c * pairs * kKeys;
     for (int64_t i = 0; i < pairs; ++i) {
       const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + i * kKeys);
@@ -210,10 +209,7 @@ void rows_bf16(const Row* rows, const Packed& p, float scale) {
         s[r] = _mm512_dpbf16_ps(s[r], (__m512bh)_mm512_set1_epi32(word), k);
       }
     }
-    softmax_chunk<R, V>(s, rows, c, scale, m, l, acc);
-    add_values<R, V>(s, p.vf.data() + c * kKeys * D, acc);
-  }
-  store_rows<c10::BFloat16, R, V>(rows, l, acc);
+  });
 }
 #endif
 #endif
