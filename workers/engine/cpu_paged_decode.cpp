@@ -2,8 +2,8 @@
 // from the paged cache through the block table (no gather copy).
 //
 // A work item is a run of one sequence's blocks, all heads at once, so every cache block is
-// streamed once, whole and in order, while the next one is prefetched. Softmax is online (one
-// pass over K and V per block, fp32 running max and sum). Short batches split long contexts
+// streamed once, whole and in order, while the next one is prefetched a share per head.
+// Softmax is online (one pass over K and V per block, fp32 running max and sum). Short batches split long contexts
 // into several items per sequence and merge the partial results by log-sum-exp at the end
 // (flash-decoding), so every thread has work at batch 1. Threads take items from a shared
 // counter, so uneven lengths still balance. Inner loops use AVX-512 (and AVX512-BF16 dot
@@ -25,7 +25,6 @@ namespace {
 
 constexpr int64_t kItemsPerThread = 4;  // split contexts until each thread has this many items
 constexpr int64_t kMinSplitBlocks = 4;  // never split finer: each split costs a merge
-constexpr int64_t kPrefetchAhead = 1;   // blocks
 
 // exp for x <= 0 (softmax after subtracting the max): 2^n * 2^f with f in [-0.5, 0.5] and a
 // degree-6 polynomial for 2^f, about 1e-7 relative error; vectorizes, unlike std::exp.
@@ -44,7 +43,6 @@ inline float exp_nonpositive(float x) {
 }
 
 #ifdef PAGODA_AVX512
-inline __mmask16 tail16(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 // 16 elements (the first bits of `m`) widened to fp32
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
@@ -112,23 +110,48 @@ inline void score_tile(const Q* q, const T* k, int64_t stride, int64_t count, in
   _mm512_mask_storeu_ps(out, tail16(count), scores);
 }
 
-// acc += sum_t p[t] * v_t over `count` values `stride` apart, 64 outputs at a time in registers
-template <typename T>
-inline void weighted_sum(float* acc, const float* p, const T* v, int64_t stride, int64_t count,
-                         int64_t n) {
+// acc[h] += sum_t p[h][t] * v_t for the H heads of one KV group, each value row loaded and
+// widened once for all of them; 64 outputs per head at a time in registers.
+template <int H, typename T>
+inline void weighted_sum_heads(float* acc, int64_t acc_stride, const float* p, int64_t p_stride,
+                               const T* v, int64_t stride, int64_t count, int64_t n) {
   for (int64_t d0 = 0; d0 < n; d0 += 64) {
     __mmask16 m[4];
-    __m512 a[4];
+    __m512 a[H][4];
     for (int i = 0; i < 4; ++i) {
       m[i] = tail16(std::clamp<int64_t>(n - d0 - 16 * i, 0, 16));
-      a[i] = _mm512_maskz_loadu_ps(m[i], acc + d0 + 16 * i);
+      for (int h = 0; h < H; ++h)
+        a[h][i] = _mm512_maskz_loadu_ps(m[i], acc + h * acc_stride + d0 + 16 * i);
     }
     for (int64_t t = 0; t < count; ++t) {
-      const __m512 pt = _mm512_set1_ps(p[t]);
       const T* vt = v + t * stride + d0;
-      for (int i = 0; i < 4; ++i) a[i] = _mm512_fmadd_ps(pt, load16(vt + 16 * i, m[i]), a[i]);
+      __m512 x[4];
+      for (int i = 0; i < 4; ++i) x[i] = load16(vt + 16 * i, m[i]);
+      for (int h = 0; h < H; ++h) {
+        const __m512 pt = _mm512_set1_ps(p[h * p_stride + t]);
+        for (int i = 0; i < 4; ++i) a[h][i] = _mm512_fmadd_ps(pt, x[i], a[h][i]);
+      }
     }
-    for (int i = 0; i < 4; ++i) _mm512_mask_storeu_ps(acc + d0 + 16 * i, m[i], a[i]);
+    for (int i = 0; i < 4; ++i)
+      for (int h = 0; h < H; ++h)
+        _mm512_mask_storeu_ps(acc + h * acc_stride + d0 + 16 * i, m[i], a[h][i]);
+  }
+}
+
+// the group of heads in register-sized sets of up to four
+template <typename T>
+inline void weighted_sum_group(float* acc, int64_t acc_stride, const float* p, int64_t p_stride,
+                               int64_t heads, const T* v, int64_t stride, int64_t count,
+                               int64_t n) {
+  for (int64_t h = 0; h < heads; h += 4) {
+    float* a = acc + h * acc_stride;
+    const float* ph = p + h * p_stride;
+    switch (std::min<int64_t>(4, heads - h)) {
+      case 4: weighted_sum_heads<4>(a, acc_stride, ph, p_stride, v, stride, count, n); break;
+      case 3: weighted_sum_heads<3>(a, acc_stride, ph, p_stride, v, stride, count, n); break;
+      case 2: weighted_sum_heads<2>(a, acc_stride, ph, p_stride, v, stride, count, n); break;
+      default: weighted_sum_heads<1>(a, acc_stride, ph, p_stride, v, stride, count, n);
+    }
   }
 }
 #else
@@ -154,6 +177,45 @@ inline void weighted_sum(float* acc, const float* p, const T* v, int64_t stride,
 #pragma omp simd
     for (int64_t d = 0; d < n; ++d) acc[d] += p[t] * widen(vt[d]);
   }
+}
+#endif
+
+#ifdef PAGODA_AVX512
+inline float max_of(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16)
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail16(std::min<int64_t>(16, n - t)), x + t));
+  return _mm512_reduce_max_ps(m);
+}
+
+// x = exp(x - mx) in place; returns the sum
+inline float exp_and_sum(float* x, int64_t n, float mx) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = tail16(std::min<int64_t>(16, n - t));
+    const __m512 p = _mm512_maskz_mov_ps(
+        m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + t), _mm512_set1_ps(mx))));
+    _mm512_mask_storeu_ps(x + t, m, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+#else
+inline float max_of(const float* x, int64_t n) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, x[t]);
+  return mx;
+}
+
+inline float exp_and_sum(float* x, int64_t n, float mx) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    x[t] = exp_nonpositive(x[t] - mx);
+    sum += x[t];
+  }
+  return sum;
 }
 #endif
 
@@ -193,14 +255,23 @@ void run_item(const Item& it, const T* q, const T* k_cache, const T* v_cache,
   std::fill(st.acc.begin(), st.acc.end(), 0.f);
   const int64_t block_bytes = s.block_stride() * static_cast<int64_t>(sizeof(T));
   for (int64_t j = it.first; j < it.last; ++j) {
-    if (j + kPrefetchAhead < it.last) {
-      prefetch(k_cache + table[j + kPrefetchAhead] * s.block_stride(), block_bytes);
-      prefetch(v_cache + table[j + kPrefetchAhead] * s.block_stride(), block_bytes);
-    }
+    // The next block is prefetched a share per head: all of it at once fills the line buffers
+    // and stalls the core, a share at a time overlaps the loads with this block's math.
+    const bool ahead = j + 1 < it.last;
+    const char* next_k = reinterpret_cast<const char*>(k_cache + table[ahead ? j + 1 : j] *
+                                                       s.block_stride());
+    const char* next_v = reinterpret_cast<const char*>(v_cache + table[ahead ? j + 1 : j] *
+                                                       s.block_stride());
+    const int64_t share = (block_bytes / 64 + H - 1) / H * 64;
     const int64_t n = std::min(bs, len - j * bs);
     const T* kb = k_cache + table[j] * s.block_stride();
     const T* vb = v_cache + table[j] * s.block_stride();
     for (int64_t h = 0; h < H; ++h) {  // scores[h][t] = q_h . k_t
+      const int64_t bytes = std::min(share, block_bytes - h * share);
+      if (ahead && bytes > 0) {
+        prefetch(next_k + h * share, bytes);
+        prefetch(next_v + h * share, bytes);
+      }
       const T* k = kb + (h / G) * D;
       for (int64_t t = 0; t < n; t += 16) {
         const int64_t count = std::min<int64_t>(16, n - t);
@@ -214,14 +285,8 @@ void run_item(const Item& it, const T* q, const T* k_cache, const T* v_cache,
     }
     for (int64_t h = 0; h < H; ++h) {  // online softmax: rescale what came before on a new max
       float* sc = st.scores.data() + h * bs;
-      float mx = st.m[h], sum = 0.f;
-#pragma omp simd reduction(max : mx)
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sc[t]);
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        sc[t] = exp_nonpositive(sc[t] - mx);
-        sum += sc[t];
-      }
+      const float mx = std::max(st.m[h], max_of(sc, n));
+      const float sum = exp_and_sum(sc, n, mx);
       if (mx > st.m[h]) {
         const float c = st.m[h] == -INFINITY ? 0.f : exp_nonpositive(st.m[h] - mx);
         float* a = st.acc.data() + h * D;
@@ -232,9 +297,15 @@ void run_item(const Item& it, const T* q, const T* k_cache, const T* v_cache,
       }
       st.l[h] += sum;
     }
+#ifdef PAGODA_AVX512
+    for (int64_t g = 0; g < s.kv_heads; ++g)  // acc[h] += sum_t p[h][t] * v_t, per KV group
+      weighted_sum_group(st.acc.data() + g * G * D, D, st.scores.data() + g * G * bs, bs, G,
+                         vb + g * D, s.token_stride(), n, D);
+#else
     for (int64_t h = 0; h < H; ++h)  // acc[h] += sum_t p[h][t] * v_t
       weighted_sum(st.acc.data() + h * D, st.scores.data() + h * bs, vb + (h / G) * D,
                    s.token_stride(), n, D);
+#endif
   }
 }
 

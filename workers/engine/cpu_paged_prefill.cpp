@@ -3,11 +3,12 @@
 //
 // A work item is one sequence, one KV head and a tile of its query tokens. The item first copies
 // the keys and values it needs out of the cache blocks into a layout made for the inner loops
-// (keys transposed, 16 per vector; values interleaved by key pairs for bf16 dot products), then
-// streams them once for every few query rows (the group's heads times the tile's tokens), with
-// each row's scores, online-softmax state and output kept in registers. With AVX512-BF16, bf16
-// products go through `_mm512_dpbf16_ps`; other dtypes run in fp32 FMAs; without AVX-512 a
-// portable loop computes the same result.
+// (keys transposed, 16 per vector; values widened to fp32), then streams them once for every few
+// query rows (the group's heads times the tile's tokens), with each row's scores, online-softmax
+// state and output kept in registers. With AVX512-BF16, bf16 query-key products go through
+// `_mm512_dpbf16_ps`; probabilities stay fp32 and weigh fp32 values, as in the decode kernel, so
+// a prompt's last row matches what decode computes for it up to summation order (a cached
+// prefix must not change a greedy answer). Without AVX-512 a portable loop computes the same.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -43,8 +44,8 @@ struct Row {
 
 // The keys and values of one item in the inner loops' layout, reused by a thread's items.
 struct Packed {
-  std::vector<uint32_t> k, v;  // bf16 pairs: k [chunk][dim pair][16 keys], v [chunk][pair][dim]
-  std::vector<float> kf, vf;   // fp32: kf [chunk][dim][16 keys], vf [chunk][16 keys][dim]
+  std::vector<uint32_t> k;    // bf16 key pairs [chunk][dim pair][16 keys]
+  std::vector<float> kf, vf;  // fp32 keys [chunk][dim][16 keys], values [chunk][16 keys][dim]
 };
 
 template <typename T>
@@ -76,31 +77,19 @@ void pack_bf16(const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const
                int64_t head, int64_t num_keys, const Shape& s, Packed& p) {
   const int64_t D = s.head_dim, pairs = D / 2, chunks = (num_keys + kKeys - 1) / kKeys;
   p.k.assign(chunks * pairs * kKeys, 0u);
-  p.v.assign(chunks * (kKeys / 2) * D, 0u);
+  p.vf.assign(chunks * kKeys * D, 0.f);
   for (int64_t key = 0; key < num_keys; ++key) {
     uint32_t words[256];  // one key's dims as bf16 pairs (head_dim <= 512)
     std::memcpy(words, cache_row(k_cache, table, key, head, s), D * sizeof(c10::BFloat16));
     uint32_t* kt = p.k.data() + (key / kKeys) * pairs * kKeys + key % kKeys;
     for (int64_t i = 0; i < pairs; ++i) kt[i * kKeys] = words[i];
-    const uint16_t* v = reinterpret_cast<const uint16_t*>(cache_row(v_cache, table, key, head, s));
-    uint16_t* vt = reinterpret_cast<uint16_t*>(p.v.data() + (key / 2) * D) + key % 2;
-    for (int64_t d = 0; d < D; ++d) vt[2 * d] = v[d];  // word d of a pair: (even key, odd key)
+    const c10::BFloat16* v = cache_row(v_cache, table, key, head, s);
+    float* vt = p.vf.data() + key * D;
+    for (int64_t d = 0; d < D; ++d) vt[d] = widen(v[d]);
   }
 }
 
 #ifdef PAGODA_AVX512
-// exp(x) for x <= 0, -inf giving 0 through the clamp and the caller's mask
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-  __m512 p = _mm512_set1_ps(1.3888889e-3f);
-  for (float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Online softmax over one chunk of R rows' scores; returns the probabilities (masked keys 0)
 // and rescales each row's output by how much its running max moved.
 template <int R, int V>
@@ -152,6 +141,19 @@ inline void store_rows(const Row* rows, const float (&l)[R], __m512 (&acc)[R][V]
   }
 }
 
+// acc[r] += sum_t p[r][t] * v_t over one chunk of fp32 values [16 keys][16 * V]
+template <int R, int V>
+inline void add_values(const __m512 (&p)[R], const float* values, __m512 (&acc)[R][V]) {
+  alignas(64) float pr[R][kKeys];
+  for (int r = 0; r < R; ++r) _mm512_store_ps(pr[r], p[r]);
+  for (int64_t t = 0; t < kKeys; ++t)
+    for (int v = 0; v < V; ++v) {
+      const __m512 x = _mm512_loadu_ps(values + t * 16 * V + 16 * v);
+      for (int r = 0; r < R; ++r)
+        acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][t]), x, acc[r][v]);
+    }
+}
+
 // R rows against the fp32-packed keys and values; V = head_dim / 16.
 template <typename T, int R, int V>
 void rows_fp32(const Row* rows, const Packed& p, float scale) {
@@ -177,21 +179,13 @@ void rows_fp32(const Row* rows, const Packed& p, float scale) {
       for (int r = 0; r < R; ++r) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k, s[r]);
     }
     softmax_chunk<R, V>(s, rows, c, scale, m, l, acc);
-    alignas(64) float pr[R][kKeys];
-    for (int r = 0; r < R; ++r) _mm512_store_ps(pr[r], s[r]);
-    const float* vt = p.vf.data() + c * kKeys * D;
-    for (int64_t t = 0; t < kKeys; ++t)
-      for (int v = 0; v < V; ++v) {
-        const __m512 x = _mm512_loadu_ps(vt + t * D + 16 * v);
-        for (int r = 0; r < R; ++r)
-          acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][t]), x, acc[r][v]);
-      }
+    add_values<R, V>(s, p.vf.data() + c * kKeys * D, acc);
   }
   store_rows<T, R, V>(rows, l, acc);
 }
 
 #ifdef __AVX512BF16__
-// R bf16 rows against the pair-packed keys and values: exact products summed in fp32.
+// R bf16 rows against the pair-packed keys (exact products summed in fp32) and fp32 values.
 template <int R, int V>
 void rows_bf16(const Row* rows, const Packed& p, float scale) {
   constexpr int64_t D = 16 * V, pairs = D / 2;
@@ -217,16 +211,7 @@ void rows_bf16(const Row* rows, const Packed& p, float scale) {
       }
     }
     softmax_chunk<R, V>(s, rows, c, scale, m, l, acc);
-    alignas(64) uint32_t pw[R][kKeys / 2];  // probabilities as bf16 pairs of keys
-    for (int r = 0; r < R; ++r)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pw[r]), (__m256i)_mm512_cvtneps_pbh(s[r]));
-    const uint32_t* vt = p.v.data() + c * (kKeys / 2) * D;
-    for (int64_t j = 0; j < kKeys / 2; ++j)
-      for (int v = 0; v < V; ++v) {
-        const __m512bh x = (__m512bh)_mm512_loadu_si512(vt + j * D + 16 * v);
-        for (int r = 0; r < R; ++r)
-          acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)_mm512_set1_epi32(pw[r][j]), x);
-      }
+    add_values<R, V>(s, p.vf.data() + c * kKeys * D, acc);
   }
   store_rows<c10::BFloat16, R, V>(rows, l, acc);
 }
