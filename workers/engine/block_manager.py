@@ -79,6 +79,9 @@ class BlockManager:
 
         `cached` are prefix-cache hits for a sequence that holds no blocks yet.
         """
+        if not cached and seq.num_computed_tokens + num_new_tokens <= \
+                len(seq.block_table) * self.block_size:
+            return True  # fits in the blocks it holds, as most decodes do
         cached = cached or []
         base = len(cached) * self.block_size if cached else seq.num_computed_tokens
         reused_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)

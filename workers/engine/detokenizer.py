@@ -75,10 +75,6 @@ class Detokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix):]
 
-    @property
-    def deferred(self) -> bool:
-        return self.source is not None
-
     def defer(self, token_ids: list[int]) -> None:
         """Decode token_ids past their current length only when an output's text is read
         (stop strings need the text at once, so only without them)."""
@@ -119,4 +115,3 @@ class Detokenizer:
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
-

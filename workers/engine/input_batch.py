@@ -57,10 +57,6 @@ class BlockTableRows:
             out.append(row)
         return out
 
-    def row(self, seq: Sequence) -> int:
-        """seq's row, its table brought up to date."""
-        return self.rows_of([seq])[0]
-
     def release(self, request_id: str) -> None:
         row = self.rows.pop(request_id, None)
         if row is not None:
@@ -98,14 +94,14 @@ class InputBatch:
         starts = list(itertools.accumulate(counts, initial=0))
         ends = [b + n for b, n in zip(begins, counts, strict=True)]
         # a sequence samples when this step reaches its last known (or in-flight) token
-        scheduled = [len(s.token_ids) + s.num_pending for s in seqs]
+        scheduled = [s.num_scheduled_tokens for s in seqs]
         sample_rows = list(range(start)) if ends == scheduled and start == len(seqs) else [
             last - 1 for last, end, known in zip(starts[1:], ends, scheduled, strict=True)
             if end == known]
         prompt_rows = [  # (batch index, first row, count): row j predicts position begin + j + 1
-            (i, starts[i], min(counts[i], len(seq.prompt_token_ids) - 1 - begins[i]))
+            (i, starts[i], min(counts[i], seq.num_prompt_tokens - 1 - begins[i]))
             for i, seq in enumerate(seqs) if seq.params.prompt_logprobs is not None
-            and begins[i] < len(seq.prompt_token_ids) - 1]
+            and begins[i] < seq.num_prompt_tokens - 1]
         width = max([len(seq.block_table) for seq in seqs])
         tables = self.tables.table[rows, :width]
         begin_arr = np.fromiter(begins, dtype=np.int64, count=len(begins))

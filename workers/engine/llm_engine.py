@@ -176,7 +176,7 @@ class LLMEngine:
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                        if s.num_computed_tokens + n == len(s.token_ids) + s.num_pending]
+                        if s.num_computed_tokens + n == s.num_scheduled_tokens]
             sampled = (self.sampler.sample(logits.sample, sampling)
                        if logits.sample is not None else None)
         except EngineDeadError:
@@ -201,7 +201,7 @@ class LLMEngine:
         outputs = self._complete(prev) if prev is not None else []
         cache_full_blocks = self.block_manager.cache_full_blocks
         for seq in batch.seqs:  # every input token is known now: register full blocks
-            if seq.status is not SequenceStatus.FINISHED:
+            if not seq.finished:
                 cache_full_blocks(seq)
         return outputs
 
@@ -214,7 +214,7 @@ class LLMEngine:
         for seq, token, logprob in zip(step.sampling, sampled.token_ids, sampled.logprobs,
                                        strict=True):
             seq.num_pending -= 1
-            if seq.status is not SequenceStatus.FINISHED:
+            if not seq.finished:
                 outputs.append(self._append_token(seq, token, logprob))
         return outputs
 
@@ -232,7 +232,7 @@ class LLMEngine:
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
             sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                        if s.num_computed_tokens + n == len(s.token_ids)]
+                        if s.num_computed_tokens + n == s.num_tokens]
             # the logits' sample rows are exactly the sequences in `sampling`
             sampled = (self.sampler(logits.sample, sampling) if logits.sample is not None
                        else SamplerOutput([], []))

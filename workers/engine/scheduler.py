@@ -54,17 +54,14 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preemptions = self.num_preemptions
         running = self.running
-        room = self.block_manager.block_size  # tokens per block
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
             if seq.num_pending and seq.reaches_max_tokens:
                 i += 1  # finishes when its last token reaches the host
                 continue
-            computed = seq.num_computed_tokens
-            n = min(len(seq.token_ids) + seq.num_pending - computed, budget)
-            # a decode usually fits in its last block: no allocation to try
-            if computed + n > len(seq.block_table) * room and not self._allocate(seq, n):
+            n = min(seq.num_scheduled_tokens - seq.num_computed_tokens, budget)
+            if not self._allocate(seq, n):
                 continue  # seq itself was preempted: running ends before index i now
             seqs.append(seq)
             counts.append(n)

@@ -75,8 +75,7 @@ class Sequence:
     def reaches_max_tokens(self) -> bool:
         """Its pending tokens end it by max_tokens: nothing more to compute."""
         limit = self.params.max_tokens
-        return limit is not None and \
-            len(self.token_ids) - len(self.prompt_token_ids) + self.num_pending >= limit
+        return limit is not None and self.num_output_tokens + self.num_pending >= limit
 
     @property
     def finished(self) -> bool:
@@ -102,10 +101,17 @@ def request_output(seq: Sequence, tokens: list[int], logprobs: list | None,
     else:
         text, deferred = "", None if text_end is None else detokenizer.claim(text_end)
     return RequestOutput(
-        seq.request_id, text, tokens, logprobs if seq.params.logprobs is not None else None,
-        finish, len(seq.prompt_token_ids), len(seq.token_ids) - len(seq.prompt_token_ids),
-        seq.num_cached_tokens, take_prompt_logprobs(seq) if seq.prompt_logprobs else None,
-        deferred)
+        request_id=seq.request_id,
+        text=text,
+        token_ids=tokens,
+        logprobs=logprobs if seq.params.logprobs is not None else None,
+        finish_reason=finish,
+        prompt_tokens=seq.num_prompt_tokens,
+        completion_tokens=seq.num_output_tokens,
+        cached_tokens=seq.num_cached_tokens,
+        prompt_logprobs=take_prompt_logprobs(seq),
+        deferred_text=deferred,
+    )
 
 
 def take_prompt_logprobs(seq: Sequence) -> list | None:
