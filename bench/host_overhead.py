@@ -5,9 +5,16 @@ the real SmolLM2 tokenizer) and output objects run; only the model is a stand-in
 the same hidden rows and fixed logits of the real shape [rows, 49152]. What a step then costs
 is what the host adds around the forward: at a few ms per GPU decode step it sets the pace.
 
+The greedy argmax over those logits runs on this CPU, standing in for the device, and is
+subtracted. Where its input comes from matters: with a distinct row per request it streams
+50 MB at batch 256 through the caches the host's data and code live in, which a GPU's memory
+never does. So each scenario runs twice: with one logits row per step shared by the batch
+(the argmax reads the real shape from the caches it leaves warm: the GPU case) and with a
+distinct row per request (what the CPU engine itself meets after its forward).
+
 Per scenario (batch 1, 64 and 256 decodes, and 64 decodes with a 2,048-token prefill joining
 every step) it prints the median wall time of one `step()` and a breakdown per phase, taken
-in a second pass with each phase's functions timed (the timers' own cost lands in "other").
+in a further pass with each phase's functions timed (the timers' own cost lands in "other").
 
     python bench/host_overhead.py                  # this checkout
     python bench/host_overhead.py --compare main   # also a git ref, same run: before/after
@@ -38,8 +45,9 @@ WARMUP_STEPS = 12
 
 
 def zero_cost_model(vocab_size: int, hidden_size: int, max_rows: int):
-    """A CausalLM stand-in: no layers, no KV, the same logits rows every step (rotated, so the
-    sampled tokens and the text they decode to vary)."""
+    """A CausalLM stand-in: no layers, no KV, fixed logits rows (rotated every step, so the
+    sampled tokens and the text they decode to vary); `distinct_rows`: one per request, else one
+    shared by the batch."""
     import torch
     from torch import nn
 
@@ -55,6 +63,7 @@ def zero_cost_model(vocab_size: int, hidden_size: int, max_rows: int):
             self.fixed_logits = torch.randn(2 * max_rows, vocab_size, generator=gen)
             self.hidden = torch.zeros(1, hidden_size)
             self.calls = 0
+            self.distinct_rows = False
 
         def forward(self, input_ids, positions, kv_caches, meta, intermediate=None):
             self.calls += 1
@@ -62,7 +71,9 @@ def zero_cost_model(vocab_size: int, hidden_size: int, max_rows: int):
 
         def compute_logits(self, hidden):
             offset = self.calls % max_rows
-            return self.fixed_logits[offset:offset + hidden.shape[0]]
+            if self.distinct_rows:
+                return self.fixed_logits[offset:offset + hidden.shape[0]]
+            return self.fixed_logits[offset:offset + 1].expand(hidden.shape[0], -1)
 
     return ZeroCostModel
 
@@ -85,7 +96,7 @@ def build_engine(max_num_seqs: int, max_batched: int, overlap: bool):
 
 def phase_targets(engine) -> dict[str, list[tuple[object, str]]]:
     """Where each phase's time is spent: (object or class, method name); missing ones skipped."""
-    from workers.engine import detokenizer, llm_engine
+    from workers.engine import detokenizer, step_outputs
 
     runner = engine.runner
     return {
@@ -95,7 +106,7 @@ def phase_targets(engine) -> dict[str, list[tuple[object, str]]]:
         # the sampler's device-side half where it has one (overlapped steps call only that)
         "sample": [(engine.sampler, "sample" if hasattr(engine.sampler, "sample") else "__call__")],
         "detokenize+stop": [(detokenizer.Detokenizer, "add_token")],
-        "outputs": [(engine, "_output"), (llm_engine, "request_output")],
+        "outputs": [(step_outputs.StepOutputs, "add")],
     }
 
 
@@ -126,7 +137,7 @@ def instrument(engine, totals: dict[str, float]) -> None:
 def run_scenario(engine, decodes: int, prefill: int, steps: int, corpus: list[int],
                  rng: random.Random, totals: dict[str, float]
                  ) -> list[tuple[float, float, float]]:
-    """(seconds, seconds in argmax, seconds reading its outputs' text afterwards) per timed
+    """(seconds, seconds in argmax, seconds reading its outputs afterwards) per timed
     step, each step's full `step()` (and the stand-in's ~0 forward); totals holds the phase
     times of the timed steps only."""
     from workers.engine.sampling_params import SamplingParams
@@ -150,7 +161,7 @@ def run_scenario(engine, decodes: int, prefill: int, steps: int, corpus: list[in
             outputs = engine.step()
             step = time.perf_counter() - start
         start = time.perf_counter()
-        for out in outputs:  # text decoded on read (no stop strings): the reader's time
+        for out in outputs:  # built and decoded on read (no stop strings): the reader's time
             out.text  # noqa: B018
         times.append((step, kernel.seconds, time.perf_counter() - start))
     timed = dict(totals)
@@ -198,13 +209,18 @@ def measure(overlap: bool = False) -> dict[str, dict[str, float]]:
         corpus = engine.tokenizer.encode(f.read())
     results: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = defaultdict(float)
+    model = engine.runner.model
     for name, decodes, prefill, steps in SCENARIOS:
         times = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0), totals)
-        host = [t - k for t, k, _ in times]
+        model.distinct_rows = True
+        distinct = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0),
+                                totals)
+        model.distinct_rows = False
         results[name] = {"step": 1e3 * statistics.median(t for t, _, _ in times),
                          "argmax": 1e3 * statistics.median(k for _, k, _ in times),
-                         "host": 1e3 * statistics.median(host),
-                         "text read": 1e3 * statistics.median(r for _, _, r in times)}
+                         "host": 1e3 * statistics.median(t - k for t, k, _ in times),
+                         "host distinct": 1e3 * statistics.median(t - k for t, k, _ in distinct),
+                         "read": 1e3 * statistics.median(r for _, _, r in times)}
     instrument(engine, totals)
     for name, decodes, prefill, steps in SCENARIOS:
         times = run_scenario(engine, decodes, prefill, steps, corpus, random.Random(0), totals)
@@ -239,15 +255,18 @@ def table(results: dict, before: dict | None, ref: str) -> str:
     from bench.results import markdown_table
 
     headers = ["scenario", "host ms/step"]
-    headers += [f"host ms/step at {ref}", "speed-up"] if before else []
-    headers += ["step ms", "argmax kernel ms", "text read ms"] + [f"{p} ms" for p in PHASES]
+    headers += [f"at {ref}", "speed-up"] if before else []
+    headers += ["host ms/step, distinct rows"]
+    headers += [f"at {ref}", "speed-up"] if before else []
+    headers += ["step ms", "argmax kernel ms", "read ms"] + [f"{p} ms" for p in PHASES]
     rows = []
     for name, r in results.items():
-        row = [name, f"{r['host']:.3f}"]
-        if before:
-            row += [f"{before[name]['host']:.3f}", f"{before[name]['host'] / r['host']:.1f}x"]
-        row += [f"{r['step']:.3f}", f"{r['argmax']:.3f}",
-                f"{r['text read']:.3f}" if "text read" in r else "-"]
+        row = [name]
+        for key in ("host", "host distinct"):
+            row.append(f"{r[key]:.3f}")
+            if before:
+                row += [f"{before[name][key]:.3f}", f"{before[name][key] / r[key]:.1f}x"]
+        row += [f"{r['step']:.3f}", f"{r['argmax']:.3f}", f"{r['read']:.3f}"]
         rows.append(row + [f"{r.get(p, 0.0):.3f}" for p in PHASES])
     return markdown_table(headers, rows)
 
@@ -278,13 +297,17 @@ def main() -> None:
         f"`python bench/host_overhead.py{flags}`"
         + ": one engine step with a model whose forward costs nothing (fixed logits of the "
         "real [rows, 49152] shape), so every millisecond is host work: scheduling, input "
-        "preparation, sampling, detokenization and stop checks, output objects. Host = median "
+        "preparation, sampling, detokenization and stop checks, output records. Host = median "
         "over steps of the step minus its greedy argmax over [rows, 49152] logits (device "
-        "work on a GPU, timed inline). Text read = reading every output's `text` after the "
-        "step: requests without stop strings are decoded then, by the reader (the replica's "
-        "event loop), not in the step; not part of host. "
-        "Phase columns come from a second, instrumented pass (ms per step; `sample` includes "
-        "the argmax; timer cost lands in other). One CPU thread for torch.\n\n" + body))
+        "work on a GPU, timed inline). In `host ms/step` the batch shares one logits row per "
+        "step, so the argmax leaves the caches warm as a GPU does; in `distinct rows` every "
+        "request has its own row and the argmax first streams 50 MB (at 256) through the "
+        "caches the host work then runs cold in, as the CPU engine's real forward does. "
+        "Read = building every output object and decoding its text after the step, done by "
+        "the reader (the replica's event loop) while the engine runs the next step; not part "
+        "of host. Phase columns come from a further, instrumented pass (ms per step; `sample` "
+        "includes the argmax; timer cost lands in other). One CPU thread for torch.\n\n"
+        + body))
 
 
 if __name__ == "__main__":

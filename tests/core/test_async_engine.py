@@ -136,3 +136,38 @@ async def test_a_schema_is_compiled_once_off_the_event_loop_and_engine_thread(en
     assert isinstance(json.loads("".join(o.text for o in outs))["n"], int)
     assert len(threads) == 1
     assert threads[0] not in (threading.current_thread().name, "pagoda-engine")
+
+
+async def test_outputs_reach_the_loop_once_per_step_and_are_built_there(engine, monkeypatch):
+    import threading
+
+    from workers.engine.step_outputs import StepOutputs
+
+    builders: set[str] = set()
+    build = StepOutputs.build
+
+    def spy(self):
+        builders.add(threading.current_thread().name)
+        return build(self)
+
+    monkeypatch.setattr(StepOutputs, "build", spy)
+    loop = asyncio.get_running_loop()
+    handoffs = 0
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args, **kwargs):
+        nonlocal handoffs
+        handoffs += 1
+        return call_soon_threadsafe(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    ids = engine.tokenizer.encode("Name a fruit:")
+    start = engine.step_count
+    results = await asyncio.gather(*[
+        collect(engine, ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                f"h{i}") for i in range(6)])
+    steps = engine.step_count - start
+    assert all(r[-1].completion_tokens == 8 for r in results)
+    assert len({tuple(t for o in r for t in o.token_ids) for r in results}) == 1  # greedy
+    assert builders == {threading.current_thread().name}  # the loop's, not the engine's
+    assert handoffs <= steps < 6 * 8  # one hand-off per step, not one per output

@@ -89,3 +89,22 @@ def test_engine_outputs_defer_text_and_match_the_eager_path(engine):
     # an output sent to another process carries its text
     copy = pickle.loads(pickle.dumps(run(engine, plain)[3]))
     assert copy.text == texts[3] and copy.deferred_text is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [[], [NEVER]])
+def test_outputs_read_after_later_steps_equal_those_read_at_once(engine, stop):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1,
+                            prompt_logprobs=1, stop=stop)
+
+    def fields(outputs: list[RequestOutput]) -> list[tuple]:
+        return [(o.token_ids, o.text, o.completion_tokens, o.finish_reason, o.logprobs,
+                 o.prompt_logprobs) for o in outputs]
+
+    at_once = fields(run(engine, params))
+    engine.add_request("r", engine.tokenizer.encode("Write a poem about the sea:"), params)
+    steps = []
+    while engine.has_unfinished():
+        steps.append(engine.step())  # none read until the request has finished
+    assert fields([o for step in steps for o in step]) == at_once
+    assert [o.completion_tokens for o in run(engine, params)] == list(range(1, 13))

@@ -74,3 +74,17 @@ def test_tokens_in_flight_and_row_reuse():
     inputs.release("a")
     c = seq("c", 3, 0, 0, 50)  # takes a's row: its table is written whole
     check(inputs, ScheduledBatch([b, c], [1, 3]), {"b": 0})
+
+
+def test_no_free_row_takes_the_row_of_a_sequence_outside_the_batch():
+    inputs = InputBatch(max_num_seqs=2, max_blocks_per_seq=16, block_size=BLOCK)
+    a, b = seq("a", 5, 2, 6, 0), seq("b", 5, 2, 6, 10)
+    check(inputs, ScheduledBatch([a, b], [1, 1]))
+    a.block_table, a.num_computed_tokens = [], 0  # preempted: waits, still holding its row
+    c = seq("c", 6, 0, 0, 20)
+    check(inputs, ScheduledBatch([b, c], [1, 6]))  # c takes a's row, not b's
+    inputs.release("b")
+    c.token_ids.append(905)
+    c.num_computed_tokens = 6
+    a.block_table = [30, 31]  # a runs again: prefilled anew into other blocks
+    check(inputs, ScheduledBatch([c, a], [1, 7]))

@@ -36,10 +36,19 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, max_model
 
 def new_sequence(request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  compiled: CompiledGrammar | None, tokenizer, vocab_size: int,
-                 device: torch.device | str) -> Sequence:
-    """The request's Sequence with its generator, grammar and detokenizer; a resumed request
-    arrives where its lost replica left it."""
+                 device: torch.device | str, eos_token_ids: frozenset[int],
+                 max_model_len: int) -> Sequence:
+    """The request's Sequence with its generator, grammar, detokenizer and limits; a resumed
+    request arrives where its lost replica left it."""
     seq = Sequence(request_id, list(prompt_token_ids), params)
+    if params.ignore_eos:
+        seq.stop_ids = frozenset(params.stop_token_ids)
+    elif params.stop_token_ids:
+        seq.stop_ids = eos_token_ids.union(params.stop_token_ids)
+    else:  # most requests: one shared set, not one per request to read every step
+        seq.stop_ids = eos_token_ids
+    seq.token_limit = max_model_len if params.max_tokens is None else \
+        min(max_model_len, seq.num_prompt_tokens + params.max_tokens)
     if params.seed is not None:
         seq.generator = torch.Generator(device=device).manual_seed(params.seed)
     if compiled is not None:
@@ -50,7 +59,7 @@ def new_sequence(request_id: str, prompt_token_ids: list[int], params: SamplingP
                                   params.skip_special_tokens)
     if params.prior_output is not None:
         replay_prior_output(seq, params.prior_output, vocab_size, device)
-    if not params.stop:  # no text needed to decide its end: decoded when outputs are read
+    if not seq.eager_text:  # no text needed to decide its end: decoded when outputs are read
         seq.detokenizer.defer(seq.token_ids)
     return seq
 

@@ -1,8 +1,10 @@
 """Async front of the engine: a background thread runs the step loop, callers await deltas.
 
-Requests and aborts cross into the engine thread through a command queue; outputs come back
-to each caller's asyncio queue with `call_soon_threadsafe`. The event loop never runs a
-model forward, so the HTTP side stays responsive while the engine computes.
+Requests and aborts cross into the engine thread through a command queue. A step's outputs
+go back with one `call_soon_threadsafe` per event loop, not one per request: the loop builds
+the output objects and routes them to each caller's asyncio queue while the engine thread
+runs the next step. The event loop never runs a model forward, so the HTTP side stays
+responsive while the engine computes.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError, QueueFullError
@@ -43,6 +45,7 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._loops: set[asyncio.AbstractEventLoop] = set()  # those callers wait on
         self._stopping = False
         self._dead: BaseException | None = None
         self._stats = self.engine.stats()
@@ -66,6 +69,7 @@ class AsyncLLMEngine:
             compiled = await asyncio.to_thread(self.engine.compile_grammar, params)
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
+        self._loops.add(stream.loop)
         self._send(("add", request_id, list(prompt_token_ids), params, compiled))
         finished = False
         error: BaseException | None = None  # drained behind outputs; raised after them
@@ -163,14 +167,34 @@ class AsyncLLMEngine:
                 self._deliver_error(seq.request_id, e)
             return
         self.step_count += 1
-        for out in outputs:
-            self._deliver(out)
-        for request_id, error in self.engine.failed:
-            self._deliver_error(request_id, error)
+        if outputs or self.engine.failed:
+            self._publish(outputs, self.engine.failed)
         # a snapshot copies every cached block hash: fresh enough at 20 Hz, not every step
         if time.monotonic() - self._stats_time >= STATS_INTERVAL_S:
             self._stats = self.engine.stats()
             self._stats_time = time.monotonic()
+
+    def _publish(self, outputs: Sequence[RequestOutput],
+                 failed: list[tuple[str, Exception]]) -> None:
+        """Hand a step's outputs and errors to every caller's loop, in step order."""
+        for loop in list(self._loops):
+            try:
+                loop.call_soon_threadsafe(self._route, loop, outputs, failed)
+            except RuntimeError:  # closed: nobody waits there any more
+                self._loops.discard(loop)
+
+    def _route(self, loop: asyncio.AbstractEventLoop, outputs: Sequence[RequestOutput],
+               failed: list[tuple[str, Exception]]) -> None:
+        """On `loop`: each output and error to its caller's queue."""
+        streams = self._streams
+        for out in outputs:
+            stream = streams.get(out.request_id)
+            if stream is not None and stream.loop is loop:
+                stream.queue.put_nowait(out)
+        for request_id, error in failed:
+            stream = streams.get(request_id)
+            if stream is not None and stream.loop is loop:
+                stream.queue.put_nowait(error)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

@@ -15,7 +15,6 @@ for the runner to fill on the device.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -26,36 +25,52 @@ from workers.engine.step_plan import StepPlan
 
 
 class BlockTableRows:
-    """One row of block ids per sequence, reused across steps; least recently used rows are
-    handed to newcomers (a batch never holds more sequences than there are rows)."""
+    """One row of block ids per sequence, reused across steps. A request's row is freed when it
+    ends; a newcomer finding none free takes the row of a sequence outside its batch (one that
+    was preempted and waits), whose table is rewritten when it runs again."""
 
     def __init__(self, num_rows: int, max_blocks: int) -> None:
         self.table = np.zeros((num_rows, max_blocks), dtype=np.int64)
-        self.rows: OrderedDict[str, int] = OrderedDict()  # request id -> row, oldest first
+        self.rows: dict[str, int] = {}  # request id -> row
         self.source: list[list[int] | None] = [None] * num_rows  # the list a row mirrors
         self.written = [0] * num_rows  # leading entries of the row already copied
         self.free = list(range(num_rows - 1, -1, -1))
 
-    def rows_of(self, seqs: list[Sequence]) -> list[int]:
-        """Each sequence's row, its table brought up to date."""
-        rows = self.rows
+    def rows_of(self, seqs: list[Sequence]) -> tuple[list[int], int]:
+        """Each sequence's row, its table brought up to date; and the widest table."""
+        rows, source, written = self.rows, self.source, self.written
         out = []
+        width = 0
         for seq in seqs:
-            table = seq.block_table
             row = rows.get(seq.request_id)
             if row is None:
-                row = self.free.pop() if self.free else rows.popitem(last=False)[1]
-                rows[seq.request_id] = row
-            else:
-                rows.move_to_end(seq.request_id)
-            if self.source[row] is not table:  # a newcomer, or a table reset by preemption
-                self.source[row], self.written[row] = table, 0
-            done = self.written[row]
-            if done < len(table):
-                self.table[row, done:len(table)] = table[done:]
-                self.written[row] = len(table)
+                row = self._assign(seq.request_id, seqs)
+            table = seq.block_table
+            length = len(table)
+            if written[row] != length or source[row] is not table:
+                self._write(row, table)
+            if length > width:
+                width = length
             out.append(row)
-        return out
+        return out, width
+
+    def _assign(self, request_id: str, batch: list[Sequence]) -> int:
+        if self.free:
+            row = self.free.pop()
+        else:  # a batch has at most as many sequences as there are rows
+            in_batch = {seq.request_id for seq in batch}
+            row = self.rows.pop(next(r for r in self.rows if r not in in_batch))
+        self.rows[request_id] = row
+        self.source[row] = None
+        return row
+
+    def _write(self, row: int, table: list[int]) -> None:
+        """Copy the part of table the row lacks (all of it for a new or reset table)."""
+        if self.source[row] is not table:
+            self.source[row], self.written[row] = table, 0
+        done = self.written[row]
+        self.table[row, done:len(table)] = table[done:]
+        self.written[row] = len(table)
 
     def release(self, request_id: str) -> None:
         row = self.rows.pop(request_id, None)
@@ -77,45 +92,43 @@ class InputBatch:
         """Flatten the batch into the plan every rank runs; sampled_rows: the row of each
         request's token in the step in flight."""
         seqs, counts = batch.seqs, batch.num_new_tokens
-        rows = self.tables.rows_of(seqs)
+        rows, width = self.tables.rows_of(seqs)
         begins = [seq.num_computed_tokens for seq in seqs]
         token_ids: list[int] = []
         pending: list[tuple[int, int]] = []
+        sample_rows: list[int] = []
+        prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
         start = 0
-        for seq, begin, n in zip(seqs, begins, counts, strict=True):
+        for i, (seq, begin, n) in enumerate(zip(seqs, begins, counts, strict=True)):
             ids = seq.token_ids
-            if begin < len(ids):
+            known = len(ids)
+            if begin < known:
                 token_ids += ids[begin:begin + n]
             else:  # its input is the token in flight
                 assert sampled_rows is not None, "a token in flight needs the step it is in"
                 pending.append((start, sampled_rows[seq.request_id]))
                 token_ids.append(0)
+            if seq.wants_prompt_logprobs and begin < seq.num_prompt_tokens - 1:
+                # row j predicts position begin + j + 1
+                prompt_rows.append((i, start, min(n, seq.num_prompt_tokens - 1 - begin)))
             start += n
+            if begin + n == known + seq.num_pending:  # reaches its last known or in-flight token
+                sample_rows.append(start - 1)
         starts = list(itertools.accumulate(counts, initial=0))
-        ends = [b + n for b, n in zip(begins, counts, strict=True)]
-        # a sequence samples when this step reaches its last known (or in-flight) token
-        scheduled = [s.num_scheduled_tokens for s in seqs]
-        sample_rows = list(range(start)) if ends == scheduled and start == len(seqs) else [
-            last - 1 for last, end, known in zip(starts[1:], ends, scheduled, strict=True)
-            if end == known]
-        prompt_rows = [  # (batch index, first row, count): row j predicts position begin + j + 1
-            (i, starts[i], min(counts[i], seq.num_prompt_tokens - 1 - begins[i]))
-            for i, seq in enumerate(seqs) if seq.params.prompt_logprobs is not None
-            and begins[i] < seq.num_prompt_tokens - 1]
-        width = max([len(seq.block_table) for seq in seqs])
         tables = self.tables.table[rows, :width]
         begin_arr = np.fromiter(begins, dtype=np.int64, count=len(begins))
         if start == len(seqs):  # decodes only: one token per sequence
-            positions, owner = begin_arr, np.arange(start)
+            positions, owner, ends = begin_arr, np.arange(start), begin_arr + 1
         else:
             counts_arr = np.fromiter(counts, dtype=np.int64, count=len(counts))
             owner = np.repeat(np.arange(len(counts)), counts_arr)  # batch index of each token
             first = np.fromiter(starts[:-1], dtype=np.int64, count=len(counts))
             positions = np.arange(start, dtype=np.int64) + np.repeat(begin_arr - first,
                                                                      counts_arr)
+            ends = begin_arr + counts_arr
         bs = self.block_size
         slots = tables[owner, positions // bs] * bs + positions % bs
         id_arr = np.fromiter(token_ids, np.int64, len(token_ids))
         return StepPlan(torch.from_numpy(id_arr), torch.from_numpy(positions),
-                        torch.from_numpy(slots), starts, ends, torch.from_numpy(tables),
-                        sample_rows, prompt_rows, pending)
+                        torch.from_numpy(slots), starts, ends.tolist(),
+                        torch.from_numpy(tables), sample_rows, prompt_rows, pending)

@@ -27,7 +27,8 @@ from workers.engine.outputs import RequestOutput
 from workers.engine.sampler import Sampler, SamplerOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
-from workers.engine.sequence import Sequence, SequenceStatus, request_output
+from workers.engine.sequence import Sequence, SequenceStatus
+from workers.engine.step_outputs import StepOutputs
 from workers.engine.worker import ProcessWorkers, Workers
 
 if TYPE_CHECKING:
@@ -71,11 +72,11 @@ class LLMEngine:
         self.async_scheduling = config.overlap_steps(self.runner.device.type)
         self.in_flight: InFlight | None = None
 
-    def _eos_token_ids(self) -> set[int]:
+    def _eos_token_ids(self) -> frozenset[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         eos = self.config.hf_config.get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        return ids
+        return frozenset(ids)
 
     def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
         """The request's compiled constraint, if it has one; safe to call from any thread."""
@@ -101,7 +102,8 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         seq = new_sequence(request_id, prompt_token_ids, params,
                            compiled or self.compile_grammar(params), self.tokenizer,
-                           self.vocab_size, self.runner.device)
+                           self.vocab_size, self.runner.device, self.eos_token_ids,
+                           self.max_model_len)
         self.seqs[request_id] = seq
         self.faults.watch(request_id, seq.prompt_token_ids)
         self.scheduler.add(seq)
@@ -111,7 +113,9 @@ class LLMEngine:
         if seq is None:
             return None
         self._finish(seq, "abort")
-        return request_output(seq, [], [], "abort")
+        outputs = StepOutputs()
+        outputs.add(seq, [], [], "abort")
+        return outputs[0]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """The request is over: its blocks go back and the engine forgets it."""
@@ -134,17 +138,19 @@ class LLMEngine:
             if self.workers is not None:
                 self.workers.stop()
 
-    def step(self) -> list[RequestOutput]:
-        """One engine step. Requests whose step raised are in `failed` afterwards, not returned."""
+    def step(self) -> StepOutputs:
+        """One engine step; its outputs are built when first read. Requests whose step raised
+        are in `failed` afterwards, not in the outputs."""
         start = time.perf_counter()
         self.failed = []
         self.last_step_time = 0.0
-        outputs: list[RequestOutput] = []
+        outputs = StepOutputs()
         prev, self.in_flight = self.in_flight, None
         if prev is not None and any([needs_history(s) for s in prev.sampling
                                      if not (s.history_free and s.grammar is None)
                                      and not s.finished]):
-            outputs, prev = self._complete(prev), None
+            self._complete(prev, outputs)
+            prev = None
         batch = self.scheduler.schedule()
         if batch:
             # decodes first, shortest context first: attention backends batch them in slices
@@ -155,16 +161,17 @@ class LLMEngine:
                 batch.seqs = [batch.seqs[i] for i in order]
                 batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
             if self.async_scheduling:
-                outputs += self._launch_or_run(batch, prev)
+                self._launch_or_run(batch, prev, outputs)
                 prev = None
             else:
-                outputs += self._run(batch)
+                self._run(batch, outputs)
         if prev is not None:
-            outputs += self._complete(prev)
+            self._complete(prev, outputs)
         self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
         return outputs
 
-    def _launch_or_run(self, batch: ScheduledBatch, prev: InFlight | None) -> list[RequestOutput]:
+    def _launch_or_run(self, batch: ScheduledBatch, prev: InFlight | None,
+                       outputs: StepOutputs) -> None:
         """Launch the batch, then complete the step before it; if the launch raises, complete
         that step and run the batch the plain way, which isolates a failing request."""
         try:
@@ -184,13 +191,16 @@ class LLMEngine:
         except Exception as e:
             log.warning("an overlapped step raised (%r): running it step by step", e,
                         exc_info=True)
-            outputs = self._complete(prev) if prev is not None else []
+            if prev is not None:
+                self._complete(prev, outputs)
             live = ScheduledBatch()  # without the requests that step finished
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
                 if not seq.finished:
                     live.seqs.append(seq)
                     live.num_new_tokens.append(n)
-            return outputs + (self._run(live) if live else [])
+            if live:
+                self._run(live, outputs)
+            return
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -198,27 +208,26 @@ class LLMEngine:
         for seq in sampling:
             seq.num_pending += 1
         self.in_flight = InFlight(batch.seqs, sampling, sampled)
-        outputs = self._complete(prev) if prev is not None else []
+        if prev is not None:
+            self._complete(prev, outputs)
         cache_full_blocks = self.block_manager.cache_full_blocks
         for seq in batch.seqs:  # every input token is known now: register full blocks
             if not seq.finished:
                 cache_full_blocks(seq)
-        return outputs
 
-    def _complete(self, step: InFlight) -> list[RequestOutput]:
+    def _complete(self, step: InFlight, outputs: StepOutputs) -> None:
         """Read a launched step's tokens; requests that ended meanwhile drop theirs."""
         if step.sampled is None:
-            return []
+            return
         sampled = step.sampled.resolve()
-        outputs = []
+        append = self._append_token
         for seq, token, logprob in zip(step.sampling, sampled.token_ids, sampled.logprobs,
                                        strict=True):
             seq.num_pending -= 1
             if not seq.finished:
-                outputs.append(self._append_token(seq, token, logprob))
-        return outputs
+                append(seq, token, logprob, outputs)
 
-    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+    def _run(self, batch: ScheduledBatch, outputs: StepOutputs) -> None:
         """Run a batch; if it raises, run each half alone, so a request that breaks every step
         it is in fails by itself. Nothing is committed before the forward and sampling succeed,
         and a rerun rewrites the same KV slots."""
@@ -231,9 +240,11 @@ class LLMEngine:
                 torch.cuda.synchronize()  # free: sampling syncs right after; keeps timing honest
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
-            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                        if s.num_computed_tokens + n == s.num_tokens]
-            # the logits' sample rows are exactly the sequences in `sampling`
+            # the logits' sample rows are exactly the sequences in `sampling`, at most one each
+            sampling = batch.seqs if logits.sample is not None and \
+                logits.sample.shape[0] == len(batch) else \
+                [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                 if s.num_computed_tokens + n == s.num_tokens]
             sampled = (self.sampler(logits.sample, sampling) if logits.sample is not None
                        else SamplerOutput([], []))
         except EngineDeadError:  # the replica itself is broken: no request can run alone
@@ -241,52 +252,49 @@ class LLMEngine:
         except Exception as e:
             if len(batch) > 1:
                 first, second = batch.split()
-                return self._run(first) + self._run(second)
+                self._run(first, outputs)
+                self._run(second, outputs)
+                return
             seq = batch.seqs[0]
             log.exception("request %s failed inside an engine step", seq.request_id)
             self._finish(seq, "error")
             self.failed.append((seq.request_id, e))
-            return []
+            return
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
         cache_full_blocks = self.block_manager.cache_full_blocks
+        block_size = self.block_manager.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            cache_full_blocks(seq)
+            if seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * block_size:
+                cache_full_blocks(seq)  # a block filled up (most steps fill none)
         append = self._append_token
-        return [append(seq, token, logprob) for seq, token, logprob in
-                zip(sampling, sampled.token_ids, sampled.logprobs, strict=True)]
+        for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs,
+                                       strict=True):
+            append(seq, token, logprob, outputs)
 
-    def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+    def _append_token(self, seq: Sequence, token: int, logprob, outputs: StepOutputs) -> None:
         token_ids = seq.token_ids
         token_ids.append(token)
         num_tokens = len(token_ids)
-        num_output = num_tokens - len(seq.prompt_token_ids)
-        params = seq.params
-        detokenizer = seq.detokenizer
         grammar = seq.grammar
-        min_done = num_output >= params.min_tokens
         if grammar is not None:
             grammar.accept(token)
         finish = None
         text_end = num_tokens
-        if min_done and (token in params.stop_token_ids or (
-                token in self.eos_token_ids and not params.ignore_eos)):
+        if token in seq.stop_ids and seq.num_output_tokens >= seq.params.min_tokens:
             finish = "stop"  # the stop token's own text is not part of the output
             text_end -= 1
-        elif detokenizer.source is None and \
-                detokenizer.add_token(token, check_stop=min_done) is not None:
+        elif seq.eager_text and seq.detokenizer.add_token(
+                token, check_stop=seq.num_output_tokens >= seq.params.min_tokens) is not None:
             finish = "stop"  # a stop string
         elif grammar is not None and grammar.terminated:
             finish = "stop"
-        if finish is None and ((params.max_tokens is not None and
-                                num_output >= params.max_tokens) or
-                               num_tokens >= self.max_model_len):
+        elif num_tokens >= seq.token_limit:
             finish = "length"
         if finish is not None:
             self._finish(seq, finish)
-        return request_output(seq, [token], None if logprob is None else [logprob], finish,
-                              text_end)
+        outputs.add(seq, [token], None if logprob is None else [logprob], finish, text_end)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         begin = seq.num_computed_tokens  # not yet advanced for this step

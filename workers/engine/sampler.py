@@ -55,7 +55,7 @@ class SampledTokens:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
+    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
 

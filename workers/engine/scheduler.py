@@ -53,20 +53,22 @@ class Scheduler:
         seqs, counts = batch.seqs, batch.num_new_tokens
         budget = self.max_num_batched_tokens
         preemptions = self.num_preemptions
-        running = self.running
-        i = 0
-        while i < len(running) and budget > 0:
-            seq = running[i]
+        block_size = self.block_manager.block_size
+        for seq in self.running:  # preemptions pop from its end: the loop stops before them
+            if budget <= 0:
+                break
             if seq.num_pending and seq.reaches_max_tokens:
-                i += 1  # finishes when its last token reaches the host
-                continue
-            n = min(seq.num_scheduled_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate(seq, n):
-                continue  # seq itself was preempted: running ends before index i now
+                continue  # finishes when its last token reaches the host
+            n = seq.num_scheduled_tokens - seq.num_computed_tokens
+            if n > budget:
+                n = budget
+            # most decodes fit in the blocks they hold: checked here, without the calls
+            if seq.num_computed_tokens + n > len(seq.block_table) * block_size and \
+                    not self._allocate(seq, n):
+                break  # seq itself was preempted: it was the last one running
             seqs.append(seq)
             counts.append(n)
             budget -= n
-            i += 1
         preempted = self.num_preemptions > preemptions
         # Admit waiting sequences only when nothing had to be preempted this step.
         while (self.waiting and budget > 0 and not preempted

@@ -6,7 +6,7 @@ from enum import Enum
 from typing import Any
 
 from workers.engine.block_hash import ROOT_HASH, hash_block
-from workers.engine.outputs import RequestOutput, TokenLogprob
+from workers.engine.outputs import TokenLogprob
 from workers.engine.sampling_params import SamplingParams
 
 
@@ -40,6 +40,13 @@ class Sequence:
     plain_greedy: bool = field(default=False, init=False, repr=False)
     # no penalties or min_tokens (a grammar is checked apart): sampling reads no past tokens
     history_free: bool = field(default=False, init=False, repr=False)
+    # stop strings need the text as tokens arrive; without them it is decoded on read
+    eager_text: bool = field(default=False, init=False, repr=False)
+    wants_prompt_logprobs: bool = field(default=False, init=False, repr=False)
+    # set at admission: tokens that end it (stop token ids, EOS unless ignored) once
+    # min_tokens are out, and the token count that ends it by length (max_tokens, context)
+    stop_ids: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+    token_limit: int = field(default=1 << 62, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -49,6 +56,8 @@ class Sequence:
             not p.frequency_penalty and p.repetition_penalty == 1.0
         self.plain_greedy = self.history_free and p.greedy and p.logprobs is None and \
             not p.logit_bias
+        self.eager_text = bool(p.stop)
+        self.wants_prompt_logprobs = p.prompt_logprobs is not None
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +78,7 @@ class Sequence:
     @property
     def num_scheduled_tokens(self) -> int:
         """Tokens the scheduler can compute: the known ones and those still on the device."""
-        return self.num_tokens + self.num_pending
+        return len(self.token_ids) + self.num_pending
 
     @property
     def reaches_max_tokens(self) -> bool:
@@ -90,34 +99,3 @@ class Sequence:
             hashes.append(hash_block(parent, block))
         return hashes
 
-
-def request_output(seq: Sequence, tokens: list[int], logprobs: list | None,
-                   finish: str | None, text_end: int | None = None) -> RequestOutput:
-    """seq's delta since its previous output: these tokens and the text they completed
-    (`text_end`: tokens of token_ids with text, for a deferred detokenizer; None: no new)."""
-    detokenizer = seq.detokenizer
-    if detokenizer.source is None:
-        text, deferred = detokenizer.take(finished=finish is not None), None
-    else:
-        text, deferred = "", None if text_end is None else detokenizer.claim(text_end)
-    return RequestOutput(
-        request_id=seq.request_id,
-        text=text,
-        token_ids=tokens,
-        logprobs=logprobs if seq.params.logprobs is not None else None,
-        finish_reason=finish,
-        prompt_tokens=seq.num_prompt_tokens,
-        completion_tokens=seq.num_output_tokens,
-        cached_tokens=seq.num_cached_tokens,
-        prompt_logprobs=take_prompt_logprobs(seq),
-        deferred_text=deferred,
-    )
-
-
-def take_prompt_logprobs(seq: Sequence) -> list | None:
-    """Prompt logprobs ride on a request's first output only."""
-    if seq.params.prompt_logprobs is None or seq.num_output_tokens > 1 or \
-            seq.prompt_logprobs is None:
-        return None
-    taken, seq.prompt_logprobs = seq.prompt_logprobs, []
-    return taken or None

@@ -41,6 +41,8 @@ class StepPlan:
     @property
     def query_lens(self) -> list[int]:
         starts = self.query_start_loc
+        if starts[-1] == len(starts) - 1:  # decodes only: one token each
+            return [1] * starts[-1]
         return [b - a for a, b in itertools.pairwise(starts)]
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
