@@ -96,8 +96,13 @@ def build_engine(max_num_seqs: int, max_batched: int, overlap: bool):
 
 def phase_targets(engine) -> dict[str, list[tuple[object, str]]]:
     """Where each phase's time is spent: (object or class, method name); missing ones skipped."""
-    from workers.engine import detokenizer, step_outputs
+    from workers.engine import detokenizer, llm_engine
 
+    try:
+        from workers.engine.step_outputs import StepOutputs
+        outputs: list[tuple[object, str]] = [(StepOutputs, "add")]
+    except ImportError:  # a git ref from before steps recorded their outputs (--compare)
+        outputs = [(llm_engine, "request_output")]
     runner = engine.runner
     return {
         "schedule": [(engine.scheduler, "schedule")],
@@ -106,7 +111,7 @@ def phase_targets(engine) -> dict[str, list[tuple[object, str]]]:
         # the sampler's device-side half where it has one (overlapped steps call only that)
         "sample": [(engine.sampler, "sample" if hasattr(engine.sampler, "sample") else "__call__")],
         "detokenize+stop": [(detokenizer.Detokenizer, "add_token")],
-        "outputs": [(step_outputs.StepOutputs, "add")],
+        "outputs": outputs,
     }
 
 
