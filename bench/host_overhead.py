@@ -233,7 +233,39 @@ def measure(overlap: bool = False) -> dict[str, dict[str, float]]:
         ms["other"] = 1e3 * sum(t for t, _, _ in times) / steps - sum(ms.values())
         results[name].update(ms)
     engine.close()
+    results[SAMPLED] = {"host": sampler_ms()}
     return results
+
+
+SAMPLED = "sampling x256, temperature + top-k + top-p"
+
+
+def sampler_ms(rows: int = 256, vocab: int = 32, steps: int = 300) -> float:
+    """Median ms of the sampler alone on a batch that samples (temperature 0.8, top-k 40,
+    top-p 0.95): logits of a 32-token vocabulary keep the device work small, so this is
+    what the sampler adds on the host per step."""
+    import inspect
+
+    import torch
+
+    from workers.engine.sampler import Sampler
+    from workers.engine.sampling_params import SamplingParams
+    from workers.engine.sequence import Sequence
+
+    where = {"max_num_seqs": rows, "device": torch.device("cpu")} \
+        if "device" in inspect.signature(Sampler).parameters else {}  # refs before its rows
+    sampler = Sampler(vocab, frozenset(), **where)
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, max_tokens=100)
+    seqs = [Sequence(f"s{i}", [1, 2, 3], params) for i in range(rows)]
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    times = []
+    for i in range(steps + 20):
+        scratch = logits.clone()
+        start = time.perf_counter()
+        sampler(scratch, seqs)
+        if i >= 20:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def measure_ref(ref: str) -> dict[str, dict[str, float]]:
@@ -266,6 +298,8 @@ def table(results: dict, before: dict | None, ref: str) -> str:
     headers += ["step ms", "argmax kernel ms", "read ms"] + [f"{p} ms" for p in PHASES]
     rows = []
     for name, r in results.items():
+        if name == SAMPLED:
+            continue
         row = [name]
         for key in ("host", "host distinct"):
             row.append(f"{r[key]:.3f}")
@@ -273,7 +307,13 @@ def table(results: dict, before: dict | None, ref: str) -> str:
                 row += [f"{before[name][key]:.3f}", f"{before[name][key] / r[key]:.1f}x"]
         row += [f"{r['step']:.3f}", f"{r['argmax']:.3f}", f"{r['read']:.3f}"]
         rows.append(row + [f"{r.get(p, 0.0):.3f}" for p in PHASES])
-    return markdown_table(headers, rows)
+    sampled = [[SAMPLED, f"{results[SAMPLED]['host']:.3f}"]
+               + ([f"{before[SAMPLED]['host']:.3f}",
+                   f"{before[SAMPLED]['host'] / results[SAMPLED]['host']:.1f}x"] if before else [])]
+    return markdown_table(headers, rows) + "\n\nThe sampler alone, on a batch that samples (" \
+        "logits of a 32-token vocabulary, so the device work is small):\n\n" + markdown_table(
+            ["batch", "sampler ms/step"] + ([f"at {ref}", "speed-up"] if before else []),
+            sampled)
 
 
 def main() -> None:

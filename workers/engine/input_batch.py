@@ -19,32 +19,31 @@ import itertools
 import numpy as np
 import torch
 
+from workers.engine.row_map import RowMap
 from workers.engine.scheduler import ScheduledBatch
 from workers.engine.sequence import Sequence
 from workers.engine.step_plan import StepPlan
 
 
 class BlockTableRows:
-    """One row of block ids per sequence, reused across steps. A request's row is freed when it
-    ends; a newcomer finding none free takes the row of a sequence outside its batch (one that
-    was preempted and waits), whose table is rewritten when it runs again."""
+    """One row of block ids per sequence, reused across steps (rows assigned by a RowMap)."""
 
     def __init__(self, num_rows: int, max_blocks: int) -> None:
         self.table = np.zeros((num_rows, max_blocks), dtype=np.int64)
-        self.rows: dict[str, int] = {}  # request id -> row
+        self.rows = RowMap(num_rows)
         self.source: list[list[int] | None] = [None] * num_rows  # the list a row mirrors
         self.written = [0] * num_rows  # leading entries of the row already copied
-        self.free = list(range(num_rows - 1, -1, -1))
 
     def rows_of(self, seqs: list[Sequence]) -> tuple[list[int], int]:
         """Each sequence's row, its table brought up to date; and the widest table."""
-        rows, source, written = self.rows, self.source, self.written
+        rows, source, written = self.rows.rows, self.source, self.written
         out = []
         width = 0
         for seq in seqs:
             row = rows.get(seq.request_id)
             if row is None:
-                row = self._assign(seq.request_id, seqs)
+                row = self.rows.assign(seq.request_id, (s.request_id for s in seqs))
+                source[row] = None
             table = seq.block_table
             length = len(table)
             if written[row] != length or source[row] is not table:
@@ -53,16 +52,6 @@ class BlockTableRows:
                 width = length
             out.append(row)
         return out, width
-
-    def _assign(self, request_id: str, batch: list[Sequence]) -> int:
-        if self.free:
-            row = self.free.pop()
-        else:  # a batch has at most as many sequences as there are rows
-            in_batch = {seq.request_id for seq in batch}
-            row = self.rows.pop(next(r for r in self.rows if r not in in_batch))
-        self.rows[request_id] = row
-        self.source[row] = None
-        return row
 
     def _write(self, row: int, table: list[int]) -> None:
         """Copy the part of table the row lacks (all of it for a new or reset table)."""
@@ -73,10 +62,9 @@ class BlockTableRows:
         self.written[row] = len(table)
 
     def release(self, request_id: str) -> None:
-        row = self.rows.pop(request_id, None)
+        row = self.rows.release(request_id)
         if row is not None:
             self.source[row] = None
-            self.free.append(row)
 
 
 class InputBatch:

@@ -22,7 +22,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError, InvalidRequestError
 from workers.engine.fault_injection import FaultInjector
 from workers.engine.in_flight import InFlight, needs_history
-from workers.engine.model_runner import ModelRunner
+from workers.engine.model_runner import ModelRunner, StepLogits
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampler import Sampler, SamplerOutput
 from workers.engine.sampling_params import SamplingParams
@@ -61,7 +61,8 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.sampler = Sampler(self.vocab_size, self.eos_token_ids)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.max_num_seqs,
+                               self.runner.device)
         self._grammar: GrammarCompiler | None = None  # built on the first constrained request
         self._grammar_lock = threading.Lock()
         self.seqs: dict[str, Sequence] = {}
@@ -121,6 +122,7 @@ class LLMEngine:
         """The request is over: its blocks go back and the engine forgets it."""
         self.scheduler.finish(seq, reason)
         self.runner.release(seq.request_id)
+        self.sampler.release(seq.request_id)
         self.seqs.pop(seq.request_id, None)
         self.faults.forget(seq.request_id)
 
@@ -182,8 +184,7 @@ class LLMEngine:
             logits = self.runner.execute(batch, tokens, prev.rows if prev else None)
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
-            sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                        if s.num_computed_tokens + n == s.num_scheduled_tokens]
+            sampling = sampling_seqs(batch, logits)
             sampled = (self.sampler.sample(logits.sample, sampling)
                        if logits.sample is not None else None)
         except EngineDeadError:
@@ -210,9 +211,15 @@ class LLMEngine:
         self.in_flight = InFlight(batch.seqs, sampling, sampled)
         if prev is not None:
             self._complete(prev, outputs)
+        self._register_full_blocks(batch.seqs)  # every input token is known now
+
+    def _register_full_blocks(self, seqs: list[Sequence]) -> None:
+        """Put the blocks that filled up in the prefix cache (most steps fill none)."""
         cache_full_blocks = self.block_manager.cache_full_blocks
-        for seq in batch.seqs:  # every input token is known now: register full blocks
-            if not seq.finished:
+        block_size = self.block_manager.block_size
+        for seq in seqs:
+            if seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * block_size and \
+                    not seq.finished:
                 cache_full_blocks(seq)
 
     def _complete(self, step: InFlight, outputs: StepOutputs) -> None:
@@ -240,11 +247,7 @@ class LLMEngine:
                 torch.cuda.synchronize()  # free: sampling syncs right after; keeps timing honest
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
-            # the logits' sample rows are exactly the sequences in `sampling`, at most one each
-            sampling = batch.seqs if logits.sample is not None and \
-                logits.sample.shape[0] == len(batch) else \
-                [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                 if s.num_computed_tokens + n == s.num_tokens]
+            sampling = sampling_seqs(batch, logits)
             sampled = (self.sampler(logits.sample, sampling) if logits.sample is not None
                        else SamplerOutput([], []))
         except EngineDeadError:  # the replica itself is broken: no request can run alone
@@ -262,12 +265,9 @@ class LLMEngine:
             return
         for i, prompt_logits in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
-        cache_full_blocks = self.block_manager.cache_full_blocks
-        block_size = self.block_manager.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * block_size:
-                cache_full_blocks(seq)  # a block filled up (most steps fill none)
+        self._register_full_blocks(batch.seqs)
         append = self._append_token
         for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs,
                                        strict=True):
@@ -328,3 +328,14 @@ class LLMEngine:
                 self._finish(seq, reason)
         self.seqs.clear()
         return dropped
+
+
+def sampling_seqs(batch: ScheduledBatch, logits: StepLogits) -> list[Sequence]:
+    """The sequences the rows of `logits.sample` belong to, in order: those this step takes to
+    their last known or in-flight token (at most one row each, so all when rows = batch)."""
+    if logits.sample is None:
+        return []
+    if logits.sample.shape[0] == len(batch):
+        return batch.seqs
+    return [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+            if s.num_computed_tokens + n == s.num_scheduled_tokens]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from workers.engine.outputs import TokenLogprob
+from workers.engine.sampling_rows import MIN_P, TEMPERATURE, TOP_K, TOP_P, SamplingRows
 from workers.engine.sequence import Sequence
 
 
@@ -55,9 +57,15 @@ class SampledTokens:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int], max_num_seqs: int,
+                 device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        self.rows = SamplingRows(max_num_seqs, vocab_size, device)
+
+    def release(self, request_id: str) -> None:
+        """The request ended: its row of sampling parameters is free."""
+        self.rows.release(request_id)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).resolve()
@@ -71,9 +79,11 @@ class Sampler:
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(
             k is not None for k in want_logprobs) else None
-        self._apply_bias(logits, seqs)
-        self._apply_penalties(logits, seqs)
-        self._apply_masks(logits, seqs)
+        if not all([s.history_free and not s.params.logit_bias and s.grammar is None
+                    for s in seqs]):  # some row has more than its logits to sample from
+            self._apply_bias(logits, seqs)
+            self._apply_penalties(logits, seqs)
+            self._apply_masks(logits, seqs)
         return SampledTokens(self._sample(logits, seqs), raw_logprobs, want_logprobs)
 
     def _apply_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -120,14 +130,14 @@ class Sampler:
                 s.grammar.mask_logits(logits[i])
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        greedy_rows = [s.params.greedy for s in seqs]
+        params, host = self.rows.gather(seqs)
         argmax = logits.argmax(dim=-1)
-        if all(greedy_rows):  # decided on the host: no wait for the device
+        if not host[:, TEMPERATURE].any():  # all greedy, decided on the host: no device wait
             return argmax
-        greedy = on_device(greedy_rows, logits.device)
-        temps = on_device([s.params.temperature or 1.0 for s in seqs], logits.device)
-        logits = logits / temps[:, None]
-        logits = self._top_k_top_p_min_p(logits, seqs)
+        temps = params[:, TEMPERATURE]
+        greedy = temps == 0
+        logits = logits / torch.where(greedy, 1.0, temps)[:, None]
+        logits = self._top_k_top_p_min_p(logits, params, host)
         probs = torch.softmax(logits, dim=-1)
         # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs).exponential_()
@@ -137,27 +147,27 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(greedy, argmax, sampled)
 
-    def _top_k_top_p_min_p(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        params = [s.params for s in seqs]
-        use_k = any(p.top_k > 0 for p in params)
-        use_p = any(p.top_p < 1.0 for p in params)
-        use_min_p = any(p.min_p > 0 for p in params)
+    def _top_k_top_p_min_p(self, logits: torch.Tensor, params: torch.Tensor,
+                           host: np.ndarray) -> torch.Tensor:
+        """params, host: the rows' sampling parameters on the device and on the host."""
         device, vocab = logits.device, logits.shape[-1]
+        use_k = bool((host[:, TOP_K] < vocab).any())
+        use_p = bool((host[:, TOP_P] < 1.0).any())
         if use_k or use_p:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             if use_k:
-                k = on_device([p.top_k if p.top_k > 0 else vocab for p in params], device)
                 ranks = torch.arange(vocab, device=device)[None, :]
-                sorted_logits.masked_fill_(ranks >= k[:, None], -float("inf"))
+                sorted_logits.masked_fill_(ranks >= params[:, TOP_K, None], -float("inf"))
             if use_p:
-                top_p = on_device([p.top_p for p in params], device)
-                cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-                # keep a token while the mass before it is below top_p (the top token always)
-                sorted_logits.masked_fill_(cum - sorted_logits.softmax(-1) >= top_p[:, None],
+                top_p = params[:, TOP_P, None]
+                probs = sorted_logits.softmax(dim=-1)
+                # keep a token while the mass before it is below top_p (the top token always);
+                # rows with top_p 1 keep all, also where the float32 sum rounds up to 1
+                sorted_logits.masked_fill_((probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1),
                                            -float("inf"))
             logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-        if use_min_p:
-            min_p = on_device([p.min_p for p in params], device)
+        if (host[:, MIN_P] > 0).any():
+            min_p = params[:, MIN_P]
             probs = logits.softmax(dim=-1)
             threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
             logits = logits.masked_fill(probs < threshold, -float("inf"))
