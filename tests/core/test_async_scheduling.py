@@ -119,6 +119,7 @@ def test_overlap_reads_tokens_one_step_behind(model_dir):
 def test_defaults_and_limits(model_dir):
     assert not EngineConfig(model=model_dir).overlap_steps("cpu")
     assert EngineConfig(model=model_dir).overlap_steps("cuda")
-    assert not EngineConfig(model=model_dir, tensor_parallel_size=2).overlap_steps("cuda")
+    assert EngineConfig(model=model_dir, tensor_parallel_size=2).overlap_steps("cuda")
+    assert not EngineConfig(model=model_dir, pipeline_parallel_size=2).overlap_steps("cuda")
     with pytest.raises(ValueError, match="async_scheduling"):
-        EngineConfig(model=model_dir, async_scheduling=True, tensor_parallel_size=2)
+        EngineConfig(model=model_dir, async_scheduling=True, pipeline_parallel_size=2)

@@ -128,3 +128,27 @@ def test_smollm2_tp3_greedy_matches_tp1_and_each_rank_holds_a_third(model_dir):
     total = weights[1][0]
     # q/k/v, o, gate/up, down and the tied embedding split three ways; only norms replicate
     assert weights[3] == [(total - norms) // 3 + norms] * 3
+
+
+def test_overlapped_steps_split_over_ranks_generate_what_plain_steps_on_one_rank_do(
+        random_llama):
+    """Decode inputs in flight live on the driver's device; the workers get them from the
+    driver's broadcast, or their halves of every embedding (vocab-parallel) would be wrong."""
+    g = torch.Generator().manual_seed(2)
+    shared = torch.randint(3, 301, (24,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 301, (n,), generator=g).tolist() for n in (3, 30, 9)]
+    prompts.append(shared + [5, 6, 7])  # a prefix-cache hit
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outputs, stats = {}, {}
+    for tp, overlap in ((1, False), (2, True)):
+        llm = LLM(engine_config(random_llama, tp, 1).model_copy(
+            update={"async_scheduling": overlap}))
+        try:
+            assert llm.engine.async_scheduling == overlap
+            outputs[tp] = [o.token_ids for o in llm.generate(prompts, params)]
+            stats[tp] = llm.engine.stats()
+        finally:
+            llm.close()
+    assert stats[1]["num_preemptions"] > 0 and stats[1]["prefix_cache_hits"] > 0
+    assert outputs[2] == outputs[1]
+    assert all(len(tokens) == 40 for tokens in outputs[1])

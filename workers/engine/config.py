@@ -58,9 +58,8 @@ class EngineConfig(BaseModel):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
-        if self.async_scheduling and self.world_size > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size and "
-                             "pipeline_parallel_size 1")
+        if self.async_scheduling and self.pipeline_parallel_size > 1:
+            raise ValueError("async_scheduling needs pipeline_parallel_size 1")
         return self
 
     @cached_property
@@ -96,7 +95,7 @@ class EngineConfig(BaseModel):
 
     def overlap_steps(self, device_type: str) -> bool:
         if self.async_scheduling is None:
-            return device_type == "cuda" and self.world_size == 1
+            return device_type == "cuda" and self.pipeline_parallel_size == 1
         return self.async_scheduling
 
     @property

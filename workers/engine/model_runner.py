@@ -189,8 +189,13 @@ class ModelRunner:
             return self._run_driver(plan, sampled)
         try:  # a rank that fails mid-step leaves the group out of step: the replica is done
             send_plan(plan, self.ctx)
+            if plan.pending:  # the tokens in flight, device to device, in plan order
+                assert sampled is not None, "a plan with pending inputs comes with their tokens"
+                sources = torch.tensor([source for _, source in plan.pending])
+                dist.broadcast(sampled[sources.to(self.device, non_blocking=True)], 0,
+                               group=self.ctx.device_group)
             self.last_handoff_time = time.perf_counter() - start - self.last_prepare_time
-            return self._run_driver(plan)
+            return self._run_driver(plan, sampled)
         except Exception as e:
             self.broken = True
             raise WorkerGroupError(f"a step across {self.ctx.world_size} ranks failed: "
@@ -267,7 +272,11 @@ class ModelRunner:
     def serve_forever(self) -> None:
         """A worker rank's loop: run every plan the driver sends until it stops the group."""
         while (plan := receive_plan(self.ctx)) is not None:
-            self.run(plan)
+            in_flight = None
+            if plan.pending:  # inputs sampled by the driver's step in flight
+                in_flight = torch.empty(len(plan.pending), dtype=torch.int64, device=self.device)
+                dist.broadcast(in_flight, 0, group=self.ctx.device_group)
+            self.run(plan, in_flight)
         destroy_parallel(self.ctx)
 
     def close(self) -> None:

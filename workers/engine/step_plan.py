@@ -3,8 +3,10 @@
 The driver flattens a scheduled batch into a StepPlan (token ids, positions, slot mapping,
 per-sequence query starts, context lengths and block tables, which rows sample). With more
 than one rank it broadcasts the plan as one int64 tensor over the gloo group from rank 0: a
-fixed-size header with the lengths, then the payload. Workers keep no request state; a plan
-of kind STOP ends their loop.
+fixed-size header with the lengths, then the payload. With overlapped steps some input tokens
+are still on the driver's device (sampled by the step in flight): the plan lists their rows,
+and the driver broadcasts the tokens device to device right after it. Workers keep no request
+state; a plan of kind STOP ends their loop.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.distributed as dist
 from workers.engine.distributed import ParallelContext
 
 RUN, STOP = 1, 0
-HEADER = 7  # kind, tokens, seqs, table width, sample rows, prompt-logprob rows, unused
+HEADER = 7  # kind, tokens, seqs, table width, sample rows, prompt-logprob rows, in flight
 
 
 @dataclass
@@ -30,8 +32,8 @@ class StepPlan:
     block_tables: list[list[int]] | torch.Tensor  # padded to the widest table with 0
     sample_rows: list[int]  # rows whose logits are sampled, in batch order
     prompt_rows: list[tuple[int, int, int]]  # (batch index, first row, count) for logprobs
-    # (token row, row of the previous step's sampled tokens): inputs still on the driver's
-    # device, filled there; only single-rank engines overlap steps, so never sent
+    # (token row, row of the tokens in flight): inputs the previous step sampled, still on the
+    # device; on other ranks the rows of the tokens the driver broadcasts after the plan
     pending: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -50,21 +52,24 @@ class StepPlan:
         tables = torch.as_tensor(self.block_tables, dtype=torch.int64)
         seqs, width = tables.shape
         flat_prompt = [x for row in self.prompt_rows for x in row]
-        small = self.query_start_loc + self.seq_lens + self.sample_rows + flat_prompt
+        small = self.query_start_loc + self.seq_lens + self.sample_rows + flat_prompt + \
+            [row for row, _ in self.pending]
         parts = (self.input_ids, self.positions, self.slot_mapping, small, tables)
         payload = torch.cat([torch.as_tensor(p, dtype=torch.int64).reshape(-1) for p in parts])
         header = torch.tensor([RUN, self.num_tokens, seqs, width, len(self.sample_rows),
-                               len(self.prompt_rows), 0], dtype=torch.int64)
+                               len(self.prompt_rows), len(self.pending)], dtype=torch.int64)
         return header, payload
 
     @classmethod
     def unpack(cls, header: list[int], payload: torch.Tensor) -> StepPlan:
-        _, tokens, seqs, width, samples, prompts, _ = header
-        sizes = [tokens, tokens, tokens, seqs + 1, seqs, samples, 3 * prompts, seqs * width]
-        ids, pos, slots, starts, lens, rows, prompt, tables = payload.split(sizes)
+        _, tokens, seqs, width, samples, prompts, in_flight = header
+        sizes = [tokens, tokens, tokens, seqs + 1, seqs, samples, 3 * prompts, in_flight,
+                 seqs * width]
+        ids, pos, slots, starts, lens, rows, prompt, pending, tables = payload.split(sizes)
         flat = prompt.tolist()
         return cls(ids, pos, slots, starts.tolist(), lens.tolist(), tables.view(seqs, width),
-                   rows.tolist(), [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)])
+                   rows.tolist(), [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)],
+                   [(row, i) for i, row in enumerate(pending.tolist())])
 
 
 def send_plan(plan: StepPlan | None, ctx: ParallelContext) -> None:
@@ -85,8 +90,8 @@ def receive_plan(ctx: ParallelContext) -> StepPlan | None:
     values = header.tolist()
     if values[0] == STOP:
         return None
-    _, tokens, seqs, width, samples, prompts, _ = values
-    payload = torch.empty(3 * tokens + 2 * seqs + 1 + samples + 3 * prompts + seqs * width,
-                          dtype=torch.int64)
+    _, tokens, seqs, width, samples, prompts, in_flight = values
+    payload = torch.empty(3 * tokens + 2 * seqs + 1 + samples + 3 * prompts + in_flight +
+                          seqs * width, dtype=torch.int64)
     dist.broadcast(payload, 0, group=ctx.cpu_group)
     return StepPlan.unpack(values, payload)
