@@ -268,7 +268,7 @@ def sampler_ms(rows: int = 256, vocab: int = 32, steps: int = 300) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure_ref(ref: str) -> dict[str, dict[str, float]]:
+def measure_ref(ref: str, overlap: bool = False) -> dict[str, dict[str, float]]:
     """The same measurement on the engine of a git ref, in a checkout of it, in a subprocess."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = os.path.join(tmp, "tree")
@@ -277,7 +277,8 @@ def measure_ref(ref: str) -> dict[str, dict[str, float]]:
         try:
             os.symlink(os.path.join(ROOT, "models"), os.path.join(tree, "models"))
             env = {**os.environ, "PYTHONPATH": tree}
-            out = subprocess.run([sys.executable, __file__, "--json", "--root", tree],
+            flags = ["--async-scheduling"] if overlap else []
+            out = subprocess.run([sys.executable, __file__, "--json", "--root", tree, *flags],
                                  env=env, check=True, capture_output=True, text=True)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree],
@@ -329,7 +330,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
         return
-    before = measure_ref(args.compare) if args.compare else None
+    before = measure_ref(args.compare, args.async_scheduling) if args.compare else None
     body = table(results, before, args.compare)
     print(body)
     sys.path.insert(0, ROOT)
