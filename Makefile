@@ -37,6 +37,7 @@ test: model
 bench: model
 	$(PY) bench/engine.py
 	$(PY) bench/host_overhead.py
+	$(PY) bench/sampling.py
 	$(PY) bench/kernel_bench.py
 	$(PY) bench/cpu_layer_ops.py
 	$(PY) bench/serve.py
