@@ -40,7 +40,7 @@ def test_prefix_cache_hit_shares_blocks_and_leaves_a_token_to_compute():
     a = seq(list(range(12)), "a")
     assert bm.allocate(a, 12)
     a.num_computed_tokens = 12
-    bm.cache_full_blocks(a)
+    bm.cache_full_blocks([a])
     assert len(bm.cached) == 3
     # Same 12-token prompt: at most 2 blocks may be reused, the last token must be computed.
     b = seq(list(range(12)), "b")
@@ -61,7 +61,7 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     a = seq(list(range(8)), "a")
     assert bm.allocate(a, 8)
     a.num_computed_tokens = 8
-    bm.cache_full_blocks(a)
+    bm.cache_full_blocks([a])
     bm.free_seq(a)
     assert bm.num_free_blocks == 4 and len(bm.cached) == 2
     again = seq(list(range(9)), "again")
@@ -80,7 +80,7 @@ def test_hash_collision_is_a_miss(monkeypatch):
     a = seq(list(range(9)), "a")
     assert bm.allocate(a, 9)
     a.num_computed_tokens = 9
-    bm.cache_full_blocks(a)
+    bm.cache_full_blocks([a])
     assert len(bm.cached) == 1  # every block hashes alike: only the first is registered
     # same hash, other tokens: no hit, though the hash is cached
     assert bm.find_cached_prefix(seq([50, 51, 52, 53, 54], "b")) == []
@@ -95,7 +95,7 @@ def test_a_child_block_is_no_hit_after_its_parent_was_reused(monkeypatch):
     a = seq([1, 1, 1, 1, 2, 2, 2, 2, 0], "a")
     assert bm.allocate(a, 9)
     a.num_computed_tokens = 9
-    bm.cache_full_blocks(a)
+    bm.cache_full_blocks([a])
     parent, child = a.block_table[:2]
     bm.free_seq(a)
     # evict the parent and refill it with other tokens, leaving the child cached
@@ -103,7 +103,7 @@ def test_a_child_block_is_no_hit_after_its_parent_was_reused(monkeypatch):
     b = seq([3, 3, 3, 3, 0], "b")
     assert bm.allocate(b, 5) and b.block_table[0] == parent
     b.num_computed_tokens = 5
-    bm.cache_full_blocks(b)
+    bm.cache_full_blocks([b])
     assert bm.blocks[child].hash is not None
     # [3,3,3,3] then [2,2,2,2]: the first block hits b's, the second must not take a's child,
     # whose KV was computed after [1,1,1,1]

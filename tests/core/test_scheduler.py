@@ -19,7 +19,7 @@ def run_step(sched: Scheduler, next_token: int = 7):
     batch = sched.schedule()
     for s, n in zip(batch.seqs, batch.num_new_tokens):
         s.num_computed_tokens += n
-        sched.block_manager.cache_full_blocks(s)
+        sched.block_manager.cache_full_blocks([s])
         if s.num_computed_tokens == s.num_tokens:
             s.token_ids.append(next_token)
     return batch

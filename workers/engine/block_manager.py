@@ -9,6 +9,7 @@ hands them out again.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from workers.engine.block_hash import compute_block_hashes  # noqa: F401  (re-exported for routers)
@@ -79,9 +80,6 @@ class BlockManager:
 
         `cached` are prefix-cache hits for a sequence that holds no blocks yet.
         """
-        if not cached and seq.num_computed_tokens + num_new_tokens <= \
-                len(seq.block_table) * self.block_size:
-            return True  # fits in the blocks it holds, as most decodes do
         cached = cached or []
         base = len(cached) * self.block_size if cached else seq.num_computed_tokens
         reused_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
@@ -109,11 +107,19 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register seq's newly computed full blocks in the prefix cache."""
+    def cache_full_blocks(self, seqs: Iterable[Sequence]) -> None:
+        """Register the full blocks computed since the last call in the prefix cache; most
+        steps fill none. Finished and preempted sequences hold no blocks and are skipped."""
+        if not self.enable_prefix_caching:
+            return
+        size = self.block_size
+        for seq in seqs:
+            if seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * size and \
+                    seq.block_table:
+                self._register_full_blocks(seq)
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
         full = seq.num_computed_tokens // self.block_size
-        if not self.enable_prefix_caching or full <= seq.num_registered_blocks:
-            return  # no block filled up since the last call
         hashes = seq.block_hashes(self.block_size)
         for i in range(seq.num_registered_blocks, min(full, len(hashes))):
             block = self.blocks[seq.block_table[i]]

@@ -211,16 +211,7 @@ class LLMEngine:
         self.in_flight = InFlight(batch.seqs, sampling, sampled)
         if prev is not None:
             self._complete(prev, outputs)
-        self._register_full_blocks(batch.seqs)  # every input token is known now
-
-    def _register_full_blocks(self, seqs: list[Sequence]) -> None:
-        """Put the blocks that filled up in the prefix cache (most steps fill none)."""
-        cache_full_blocks = self.block_manager.cache_full_blocks
-        block_size = self.block_manager.block_size
-        for seq in seqs:
-            if seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * block_size and \
-                    not seq.finished:
-                cache_full_blocks(seq)
+        self.block_manager.cache_full_blocks(batch.seqs)  # every input token is known now
 
     def _complete(self, step: InFlight, outputs: StepOutputs) -> None:
         """Read a launched step's tokens; requests that ended meanwhile drop theirs."""
@@ -267,7 +258,7 @@ class LLMEngine:
             self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-        self._register_full_blocks(batch.seqs)
+        self.block_manager.cache_full_blocks(batch.seqs)
         append = self._append_token
         for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs,
                                        strict=True):
