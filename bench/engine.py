@@ -45,7 +45,8 @@ def make_prompts(tokenizer, num: int, seed: int = 0) -> list[list[int]]:
 
 
 def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
-               quantization: str | None = None, async_scheduling: bool | None = None) -> dict:
+               quantization: str | None = None, async_scheduling: bool | None = None,
+               temperature: float = 0.0, top_p: float = 1.0) -> dict:
     llm = LLM(EngineConfig(model=model, device=device, max_num_seqs=len(prompts), dtype=dtype,
                            max_num_batched_tokens=4096, max_model_len=2048,
                            quantization=quantization, async_scheduling=async_scheduling))
@@ -57,7 +58,8 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
     recorder = StepRecorder()
     recorder.attach(runner)
     replays_before = runner.graphs.replays
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                            ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{i}", p, params)
     forward = other = 0.0
@@ -134,6 +136,8 @@ def parse_args() -> argparse.Namespace:
                         help="overlapped scheduling; auto: the engine's default for the device")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
     return parser.parse_args()
 
 
@@ -151,7 +155,8 @@ def main() -> None:
     prompts = make_prompts(AutoTokenizer.from_pretrained(args.model), args.requests)
     overlap = {"auto": None, "on": True, "off": False}[args.async_scheduling]
     ours = {(d, q): bench_ours(args.model, prompts, args.max_tokens, args.device, d,
-                               None if q == "none" else q, overlap) for d, q in variants}
+                               None if q == "none" else q, overlap, args.temperature,
+                               args.top_p) for d, q in variants}
     sequential, static = None, {}
     if not args.no_hf:
         sequential = bench_hf(args.model, prompts[:args.sequential_requests], args.max_tokens,
@@ -186,8 +191,10 @@ def main() -> None:
     first = next(iter(ours.values()))
     dtype, reason = choose_dtype("auto", torch.device(args.device))
     auto_dtype = f"{str(dtype).removeprefix('torch.')} ({reason})"
+    sampling = f"temperature {args.temperature}, top-p {args.top_p}" if args.temperature \
+        else "greedy"
     notes = (f"\n\n{args.requests} requests, prompts of 16-512 tokens, {args.max_tokens} output "
-             f"tokens each (EOS ignored), greedy, model `{os.path.basename(args.model)}` on "
+             f"tokens each (EOS ignored), {sampling}, model `{os.path.basename(args.model)}` on "
              f"{args.device}.\n{random_note(args.model)}\n"
              "Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V bytes read) / "
              "copy bandwidth), summed over the steps this run took (`bench/roofline.py`). "

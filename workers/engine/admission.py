@@ -7,6 +7,7 @@ import torch
 
 from workers.engine.detokenizer import Detokenizer
 from workers.engine.errors import ContextLengthError, InvalidRequestError
+from workers.engine.sampler import uniform_draws
 from workers.engine.sampling_params import PriorOutput, SamplingParams
 from workers.engine.sequence import Sequence
 
@@ -58,14 +59,13 @@ def new_sequence(request_id: str, prompt_token_ids: list[int], params: SamplingP
     seq.detokenizer = Detokenizer(tokenizer, seq.prompt_token_ids, params.stop,
                                   params.skip_special_tokens)
     if params.prior_output is not None:
-        replay_prior_output(seq, params.prior_output, vocab_size, device)
+        replay_prior_output(seq, params.prior_output, device)
     if not seq.eager_text:  # no text needed to decide its end: decoded when outputs are read
         seq.detokenizer.defer(seq.token_ids)
     return seq
 
 
-def replay_prior_output(seq: Sequence, prior: PriorOutput, vocab_size: int,
-                        device: torch.device | str) -> None:
+def replay_prior_output(seq: Sequence, prior: PriorOutput, device: torch.device | str) -> None:
     """The tokens become output; the detokenizer, grammar and seeded generator advance
     exactly as they did on the lost replica."""
     for token in prior.token_ids:
@@ -74,6 +74,6 @@ def replay_prior_output(seq: Sequence, prior: PriorOutput, vocab_size: int,
             seq.grammar.accept(token)
         seq.detokenizer.add_token(token, check_stop=seq.num_output_tokens >=
                                   seq.params.min_tokens)
-        if seq.generator is not None:  # one draw per sampled token, as the sampler does
-            torch.empty(vocab_size, device=device).exponential_(generator=seq.generator)
+        if seq.generator is not None:
+            uniform_draws(1, device, seq.generator)
     seq.detokenizer.skip(prior.num_chars_sent)

@@ -34,26 +34,6 @@ template <> inline c10::BFloat16 narrow<c10::BFloat16>(float x) {
 }
 template <> inline c10::Half narrow<c10::Half>(float x) { return c10::Half(x); }
 
-// exp for x <= 0: 2^n * 2^f with f in [-0.5, 0.5] and a degree-6 polynomial for 2^f, about
-// 1e-7 relative error; vectorizes, unlike std::exp.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = static_cast<float>(static_cast<int32_t>(t - 0.5f));  // round, as t <= 0
-  const float f = (t - n) * 0.693147180559945309f;
-  float p = 1.3888889e-3f;  // Horner with explicit FMAs: the build turns off contraction
-  p = __builtin_fmaf(p, f, 8.3333338e-3f);
-  p = __builtin_fmaf(p, f, 4.1666668e-2f);
-  p = __builtin_fmaf(p, f, 1.6666667e-1f);
-  p = __builtin_fmaf(p, f, 0.5f);
-  p = __builtin_fmaf(p, f, 1.0f);
-  p = __builtin_fmaf(p, f, 1.0f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // Runs fn(begin, end) over rows, on one thread unless the op is large enough to pay for more.
 template <typename F>
 void for_rows(int64_t rows, int64_t row_elements, const F& fn) {

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workers.engine import cpu_sampling
 from workers.engine.outputs import TokenLogprob
 from workers.engine.sampling_rows import MIN_P, TEMPERATURE, TOP_K, TOP_P, SamplingRows
 from workers.engine.sequence import Sequence
@@ -56,7 +57,11 @@ class SampledTokens:
         return SamplerOutput(tokens, logprobs_of(self.raw_logprobs, tokens, self.want_logprobs))
 
 
-TOP_P_CANDIDATES = 256  # on a CPU, top-p looks among this many most likely tokens first
+def uniform_draws(n: int, device: torch.device | str,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The draws that pick n sampled tokens, in (0, 1]: above 0, so never a token the row
+    gave no probability. A seeded request takes one from its generator per sampled token."""
+    return 1 - torch.rand(n, device=device, generator=generator)
 
 
 class Sampler:
@@ -134,21 +139,28 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params, host = self.rows.gather(seqs)
-        argmax = logits.argmax(dim=-1)
         if not host[:, TEMPERATURE].any():  # all greedy, decided on the host: no device wait
-            return argmax
-        temps = params[:, TEMPERATURE]
-        greedy = temps == 0
-        logits = logits / torch.where(greedy, 1.0, temps)[:, None]
-        logits = self._top_k_top_p_min_p(logits, params, host)
-        probs = torch.softmax(logits, dim=-1)
-        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p.
-        noise = torch.empty_like(probs).exponential_()
+            return logits.argmax(dim=-1)
+        draws = uniform_draws(len(seqs), logits.device)
         for i, s in enumerate(seqs):
             if s.generator is not None:
-                noise[i].exponential_(generator=s.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, argmax, sampled)
+                draws[i] = uniform_draws(1, logits.device, s.generator)
+        if logits.device.type == "cpu" and cpu_sampling.load() is not None:
+            return cpu_sampling.sample(logits, params, draws)
+        top = logits.max(dim=-1)
+        sampled = self._draw(logits, top.values, params, host, draws)
+        return torch.where(params[:, TEMPERATURE] == 0, top.indices, sampled)
+
+    def _draw(self, logits: torch.Tensor, top: torch.Tensor, params: torch.Tensor,
+              host: np.ndarray, draws: torch.Tensor) -> torch.Tensor:
+        """Each row's token for its draw, in PyTorch: temperature, the filters, then the first
+        token whose cumulative probability reaches the draw (one draw per row, not one per
+        token: the exponential race draws a CPU's 1.5M exponentials in 30 ms)."""
+        temperature = params[:, TEMPERATURE]
+        scale = torch.where(temperature == 0, 1.0, temperature)[:, None]
+        logits = self._top_k_top_p_min_p(logits / scale, params, host)
+        cdf = (logits - top[:, None] / scale).exp_().cumsum_(dim=-1)
+        return torch.searchsorted(cdf, draws[:, None] * cdf[:, -1:]).squeeze(1)
 
     def _top_k_top_p_min_p(self, logits: torch.Tensor, params: torch.Tensor,
                            host: np.ndarray) -> torch.Tensor:
@@ -156,15 +168,10 @@ class Sampler:
         vocab = logits.shape[-1]
         top_k = host[:, TOP_K]
         use_p = bool((host[:, TOP_P] < 1.0).any())
-        if use_p or (top_k < vocab).any():
-            # Every row's top-k is among the `width` most likely tokens. A full sort of the
-            # vocabulary costs a CPU a large share of a decode step (60 ms for 32 rows of 49k
-            # on 2 cores), so there top-p first looks among the most likely tokens; a GPU sorts
-            # them all at little cost.
-            width = int(top_k[top_k < vocab].max(initial=0))
-            if use_p:
-                width = max(width, TOP_P_CANDIDATES) if logits.device.type == "cpu" else vocab
-            logits = self._top_k_top_p(logits, params, min(width, vocab), use_p)
+        if use_p:  # the nucleus by a sort of each row
+            logits = self._top_k_top_p(logits, params, vocab, use_p)
+        elif (top_k < vocab).any():  # every row's top-k is among the largest k any row asks
+            logits = self._top_k_top_p(logits, params, int(top_k[top_k < vocab].max()), use_p)
         if (host[:, MIN_P] > 0).any():
             min_p = params[:, MIN_P]
             probs = logits.softmax(dim=-1)
@@ -175,34 +182,24 @@ class Sampler:
     def _top_k_top_p(self, logits: torch.Tensor, params: torch.Tensor, width: int,
                      use_p: bool) -> torch.Tensor:
         """Each row's top-k, then its tokens while the mass before them is below top-p (the
-        top token always), found among its `width` most likely tokens."""
+        top token always), found among its `width` most likely tokens (all of them with
+        top-p)."""
         vocab = logits.shape[-1]
         top, order = logits.topk(width, dim=-1) if width < vocab else \
             logits.sort(dim=-1, descending=True)
         ranks = torch.arange(width, device=logits.device)
         top.masked_fill_(ranks >= params[:, TOP_K, None], -float("inf"))
-        has_k = params[:, TOP_K] < vocab
-        top_p = params[:, TOP_P, None]
         if use_p:
-            # a token's probability over what its row keeps: its top-k, or the whole vocabulary
-            norm = torch.logsumexp(top, dim=-1)
-            if width < vocab:
-                norm = torch.where(has_k, norm, torch.logsumexp(logits, dim=-1))
-            probs = (top - norm[:, None]).exp()
+            top_p = params[:, TOP_P, None]
+            probs = top.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs
             # rows with top_p 1 keep all, also where the float32 sum rounds up to 1
             top.masked_fill_((before >= top_p) & (top_p < 1), -float("inf"))
         kept = torch.full_like(logits, -float("inf")).scatter_(-1, order, top)
         if width == vocab:
             return kept
-        # rows without top-k or top-p keep every token, also those past the `width`
-        kept = torch.where((has_k[:, None] | (top_p < 1)), kept, logits)
-        if use_p:  # a nucleus that runs past the candidates: that row sorted whole
-            past = ~((before[:, -1] + probs[:, -1] >= top_p[:, 0]) | (top_p[:, 0] >= 1) | has_k)
-            if past.any():
-                rows = past.nonzero().squeeze(1)
-                kept[rows] = self._top_k_top_p(logits[rows], params[rows], vocab, use_p)
-        return kept
+        # rows without top-k keep every token, also those past the `width`
+        return torch.where((params[:, TOP_K] < vocab)[:, None], kept, logits)
 
     def token_logprobs(self, logits: torch.Tensor, targets: list[int],
                        top_n: int) -> list[TokenLogprob]:
