@@ -70,6 +70,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.rows = SamplingRows(max_num_seqs, vocab_size, device)
+        # loaded now, not on the first sampled request: loading takes a second or more
+        self.cpu_extension = device.type == "cpu" and cpu_sampling.load() is not None
 
     def release(self, request_id: str) -> None:
         """The request ended: its row of sampling parameters is free."""
@@ -145,7 +147,7 @@ class Sampler:
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 draws[i] = uniform_draws(1, logits.device, s.generator)
-        if logits.device.type == "cpu" and cpu_sampling.load() is not None:
+        if self.cpu_extension:
             return cpu_sampling.sample(logits, params, draws)
         top = logits.max(dim=-1)
         sampled = self._draw(logits, top.values, params, host, draws)
