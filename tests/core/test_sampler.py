@@ -141,3 +141,12 @@ def test_a_nucleus_that_ends_among_near_equal_tokens_is_cut_token_by_token(sampl
     tokens = sampler(logits.expand(rows, -1).clone(), seqs).token_ids
     assert want[tokens].all()
     assert len(set(tokens)) > 0.9 * want.sum()  # the draws reach across the whole nucleus
+
+
+def test_a_row_of_nan_logits_still_gets_a_token_of_the_vocabulary(sampling_path):
+    seqs = [seq("greedy", temperature=0.0), seq("sampled"), seq("nucleus", top_p=0.9)]
+    sampler = Sampler(VOCAB, frozenset(), max_num_seqs=len(seqs), device=CPU)
+    logits = torch.full((len(seqs), VOCAB), float("nan"))
+    logits[0, 0] = 0.0  # not all greedy rows: the batch goes through the sampling path
+    tokens = sampler._sample(logits, seqs).tolist()
+    assert all(0 <= t < VOCAB for t in tokens)

@@ -112,6 +112,7 @@ float top_p_cut(const float* e, int64_t n, float cut, float top_p, Scratch& s) {
   float total = 0.f;
 #pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < n; ++i) total += e[i] >= cut ? e[i] : 0.f;
+  if (!(total > 0.f)) return cut;  // nothing weighs anything (a row of NaNs): nothing to cut
   // The tokens under `floor` weigh less together than the 1 - top_p that top-p drops, so
   // they all go: only the few above it (about a tenth of a real vocabulary) are counted.
   const float floor = std::max({cut, (1.f - top_p) * total / n,
@@ -161,7 +162,8 @@ int64_t sample_row(const float* logits, int64_t n, const float* params, float dr
 #pragma omp simd reduction(max : top)
   for (int64_t i = 0; i < n; ++i) top = std::max(top, logits[i]);
   const float temperature = params[kTemperature];
-  if (temperature == 0.f) return std::find(logits, logits + n, top) - logits;
+  if (temperature == 0.f)  // the first of the largest; token 0 where NaNs leave none
+    return (std::find(logits, logits + n, top) - logits) % n;
   float* e = s.weights.data();
   const float inv_t = 1.f / temperature;
 #pragma omp simd

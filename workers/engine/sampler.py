@@ -162,7 +162,9 @@ class Sampler:
         scale = torch.where(temperature == 0, 1.0, temperature)[:, None]
         logits = self._top_k_top_p_min_p(logits / scale, params, host)
         cdf = (logits - top[:, None] / scale).exp_().cumsum_(dim=-1)
-        return torch.searchsorted(cdf, draws[:, None] * cdf[:, -1:]).squeeze(1)
+        # a row the model turned to NaN finds no token: it gets the last, not one past it
+        return torch.searchsorted(cdf, draws[:, None] * cdf[:, -1:]).squeeze(1).clamp_(
+            max=logits.shape[-1] - 1)
 
     def _top_k_top_p_min_p(self, logits: torch.Tensor, params: torch.Tensor,
                            host: np.ndarray) -> torch.Tensor:
