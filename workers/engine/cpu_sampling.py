@@ -2,8 +2,8 @@
 
 PyTorch finds top-p's nucleus by sorting each row of the vocabulary (about 2 ms a row of 49k
 on this CPU) and draws from the kept tokens in several more passes; the extension finds the
-top-k, top-p and min-p cuts on a histogram of the row's weights and draws in a few passes over
-the row. `make install` builds it ahead of time (`python -m workers.engine.cpu_sampling`);
+top-k, top-p and min-p cuts without sorting the row (see the source) and draws in a few passes
+over it. `make install` builds it ahead of time (`python -m workers.engine.cpu_sampling`);
 where it cannot build, `load()` returns None and the sampler keeps its PyTorch path.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from workers.engine import cpu_extension
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_sampling.cpp")
 NAME = "pagoda_cpu_sampling"
-FLAGS = ["-fno-trapping-math"]  # or gcc leaves the exp loop, which converts floats to ints, scalar
+FLAGS = ["-fno-trapping-math"]  # or gcc leaves the exp loop (floats to ints) scalar
 
 
 @functools.cache
