@@ -37,6 +37,7 @@ test: model
 
 bench: model
 	$(PY) bench/engine.py
+	$(PY) bench/engine.py --dtypes bfloat16 --no-hf --temperature 1 --top-p 0.95
 	$(PY) bench/host_overhead.py
 	$(PY) bench/sampling.py
 	$(PY) bench/kernel_bench.py

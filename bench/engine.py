@@ -207,8 +207,9 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({f"{d}/{q}": r for (d, q), r in ours.items()}, f, indent=1)
     if not args.no_results:
-        update_section(f"Engine ({args.device}, {os.path.basename(os.path.normpath(args.model))})",
-                       table + notes)
+        sampled = f", {sampling}" if args.temperature else ""  # its own section
+        update_section(f"Engine ({args.device}, {os.path.basename(os.path.normpath(args.model))}"
+                       f"{sampled})", table + notes)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,29 @@ def test_a_row_of_nan_logits_still_gets_a_token_of_the_vocabulary(sampling_path)
     logits[0, 0] = 0.0  # not all greedy rows: the batch goes through the sampling path
     tokens = sampler._sample(logits, seqs).tolist()
     assert all(0 <= t < VOCAB for t in tokens)
+
+
+def test_penalties_change_only_the_logits_of_tokens_each_row_has_seen():
+    vocab = 1000
+    gen = torch.Generator().manual_seed(0)
+    settings = [dict(repetition_penalty=1.3), dict(frequency_penalty=0.5),
+                dict(presence_penalty=-0.4, frequency_penalty=0.2), dict(),
+                dict(repetition_penalty=0.8, presence_penalty=1.0)]
+    seqs = []
+    for i, s in enumerate(settings):
+        prompt = torch.randint(0, vocab, (30,), generator=gen).tolist()
+        seqs.append(Sequence(f"r{i}", prompt, SamplingParams(**s)))
+        seqs[-1].token_ids += torch.randint(0, 50, (40,), generator=gen).tolist()  # repeats
+    sampler = Sampler(vocab, frozenset(), max_num_seqs=len(seqs), device=CPU)
+    logits = torch.randn(len(seqs), vocab, generator=gen) * 3
+    penalized = logits.clone()
+    sampler._apply_penalties(penalized, seqs)
+    for i, s in enumerate(seqs):
+        p = s.params
+        want = logits[i].double().numpy().copy()
+        seen = np.unique(s.token_ids)
+        want[seen] = np.where(want[seen] > 0, want[seen] / p.repetition_penalty,
+                              want[seen] * p.repetition_penalty)
+        counts = np.bincount(s.output_token_ids, minlength=vocab)
+        want -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        assert np.allclose(penalized[i].numpy(), want, rtol=1e-6, atol=1e-6), settings[i]

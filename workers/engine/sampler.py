@@ -16,9 +16,18 @@ from workers.engine.sampling_rows import MIN_P, TEMPERATURE, TOP_K, TOP_P, Sampl
 from workers.engine.sequence import Sequence
 
 
-def on_device(values: list, device: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for the device (an overlapped step runs)."""
-    return torch.tensor(values).to(device, non_blocking=True)
+def on_device(values: list | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host values on the device without waiting for the device (an overlapped step runs)."""
+    return torch.as_tensor(values).to(device, non_blocking=True)
+
+
+def token_pairs(tokens: list[list[int]], rows: np.ndarray,
+                vocab: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """The distinct (row, token) pairs of rows[i]'s tokens[i], and how often each occurs."""
+    keys = np.concatenate([row * vocab + np.asarray(t, dtype=np.int64)
+                           for row, t in zip(rows, tokens, strict=True)])
+    keys, counts = np.unique(keys, return_counts=True)
+    return (keys // vocab, keys % vocab), counts
 
 
 @dataclass
@@ -109,25 +118,26 @@ class Sampler:
             logits[rows, cols] += on_device(vals, logits.device)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        idx = [i for i, s in enumerate(seqs) if s.params.presence_penalty or
-               s.params.frequency_penalty or s.params.repetition_penalty != 1.0]
-        if not idx:
-            return
-        device = logits.device
-        sub = logits[idx]
-        out_counts = torch.zeros_like(sub)
-        seen = torch.zeros_like(sub, dtype=torch.bool)  # prompt or output
-        for row, i in enumerate(idx):
-            out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=device)
-            out_counts[row].index_add_(0, out, torch.ones_like(out, dtype=sub.dtype))
-            seen[row, torch.tensor(seqs[i].token_ids, dtype=torch.long, device=device)] = True
-        params = [seqs[i].params for i in idx]
-        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-        sub -= freq * out_counts + pres * (out_counts > 0)
-        logits[idx] = sub
+        """Repetition penalty on each row's tokens so far (prompt and output), then frequency
+        and presence penalties on its output tokens: only at those (row, token) pairs, found
+        once per step for the whole batch, not over each row's whole vocabulary."""
+        repetition = np.array([s.params.repetition_penalty for s in seqs])
+        frequency = np.array([s.params.frequency_penalty for s in seqs])
+        presence = np.array([s.params.presence_penalty for s in seqs])
+        rows = np.flatnonzero(repetition != 1.0)
+        if len(rows):
+            pairs, _ = token_pairs([seqs[i].token_ids for i in rows], rows, logits.shape[-1])
+            row, token = (on_device(a, logits.device) for a in pairs)
+            rep = on_device(repetition[pairs[0]], logits.device).to(logits.dtype)
+            seen = logits[row, token]
+            logits[row, token] = torch.where(seen > 0, seen / rep, seen * rep)
+        rows = np.flatnonzero((frequency != 0) | (presence != 0))
+        if len(rows):
+            pairs, counts = token_pairs([seqs[i].output_token_ids for i in rows], rows,
+                                        logits.shape[-1])
+            row, token = (on_device(a, logits.device) for a in pairs)
+            logits[row, token] -= on_device(frequency[pairs[0]] * counts + presence[pairs[0]],
+                                            logits.device).to(logits.dtype)
 
     def _apply_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for i, s in enumerate(seqs):
