@@ -36,7 +36,8 @@ inline int bucket_of(float e) {
 struct Scratch {
   std::vector<float> weights;
   std::vector<double> mass;
-  std::vector<float> bucket;
+  std::vector<float> bucket;  // the tokens of the bucket top-p's cut falls in
+  std::vector<float> maxima;  // top-k's chunk maxima
   std::vector<float> blocks;
   std::vector<float> heavy;  // the weights above a cut's bound
 };
@@ -85,7 +86,7 @@ float top_k_cut(const float* e, int64_t n, int64_t k, Scratch& s) {
   // at least the k-th largest maximum: only the tokens from there up are searched.
   const int64_t chunks = std::min(n, std::max<int64_t>(k, kTopKChunks));
   const int64_t width = (n + chunks - 1) / chunks;
-  std::vector<float>& maxima = s.bucket;
+  std::vector<float>& maxima = s.maxima;
   maxima.clear();
   for (int64_t start = 0; start < n; start += width) {
     float m = 0.f;
@@ -209,7 +210,7 @@ torch::Tensor sample(torch::Tensor logits, torch::Tensor params, torch::Tensor d
   const float* dp = d.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    Scratch s{std::vector<float>(n), std::vector<double>(kBuckets), {},
+    Scratch s{std::vector<float>(n), std::vector<double>(kBuckets), {}, {},
               std::vector<float>((n + kBlock - 1) / kBlock), std::vector<float>(n + 16)};
     for (int64_t r = begin; r < end; ++r)
       op[r] = sample_row(lp + r * n, n, pp + r * 4, dp[r], s);

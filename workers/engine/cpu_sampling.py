@@ -1,4 +1,8 @@
-"""Sampling on a CPU in one call: the C++ extension (cpu_sampling.cpp) and its wrapper.
+"""Sampling on a CPU in one call: the C++ extension (cpu_sampling.cpp).
+
+`load().sample(logits, params, draws)` gives one token per row (its argmax where its
+temperature is 0): logits float32 [rows, vocab], params the rows of `SamplingRows`
+[rows, 4], draws in (0, 1] [rows].
 
 PyTorch finds top-p's nucleus by sorting each row of the vocabulary (about 2 ms a row of 49k
 on this CPU) and draws from the kept tokens in several more passes; the extension finds the
@@ -13,8 +17,6 @@ import logging
 import os
 from types import ModuleType
 
-import torch
-
 from workers.engine import cpu_extension
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_sampling.cpp")
@@ -26,15 +28,6 @@ FLAGS = ["-fno-trapping-math"]  # or gcc leaves the exp loop (floats to ints) sc
 def load() -> ModuleType | None:
     """The compiled extension, building it if needed; None where it cannot be built."""
     return cpu_extension.try_build(NAME, SOURCE, "CPU sampling", FLAGS)
-
-
-def sample(logits: torch.Tensor, params: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """One token per row (its argmax where its temperature is 0): logits float32 [rows, vocab],
-    params the rows of `SamplingRows` [rows, 4], draws in (0, 1] [rows]."""
-    ext = load()
-    if ext is None:
-        raise RuntimeError("the CPU sampling extension could not be built")
-    return ext.sample(logits, params, draws)
 
 
 if __name__ == "__main__":

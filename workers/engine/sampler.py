@@ -80,7 +80,7 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
         self.rows = SamplingRows(max_num_seqs, vocab_size, device)
         # loaded now, not on the first sampled request: loading takes a second or more
-        self.cpu_extension = device.type == "cpu" and cpu_sampling.load() is not None
+        self.cpu_sampling = cpu_sampling.load() if device.type == "cpu" else None
 
     def release(self, request_id: str) -> None:
         """The request ended: its row of sampling parameters is free."""
@@ -157,8 +157,8 @@ class Sampler:
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 draws[i] = uniform_draws(1, logits.device, s.generator)
-        if self.cpu_extension:
-            return cpu_sampling.sample(logits, params, draws)
+        if self.cpu_sampling is not None:  # greedy rows get their argmax there too
+            return self.cpu_sampling.sample(logits, params, draws)
         top = logits.max(dim=-1)
         sampled = self._draw(logits, top.values, params, host, draws)
         return torch.where(params[:, TEMPERATURE] == 0, top.indices, sampled)
