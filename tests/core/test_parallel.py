@@ -1,9 +1,10 @@
 """Tensor and pipeline parallel engines (gloo on CPU) against the single-process engine.
 
-A small random Llama-3 checkpoint, sharded with an index, runs the same 64-step mixed batch
-(chunked prefills, decodes, prefix-cache hits, a preemption, prompt logprobs) with one rank and
-split over ranks: every step's logits match within fp32 tolerance and the greedy tokens are
-identical. The real SmolLM2 (9 query heads, 3 KV heads) with TP=3 generates what TP=1 does,
+A small random Llama-3 checkpoint, sharded with an index, runs the same mixed batch (chunked
+prefills, decodes, prefix-cache hits, a preemption, prompt logprobs) with one rank and split
+over ranks: every sampled row's logits match within fp32 tolerance and the greedy tokens are
+identical; one step at a time, so are the steps; with micro-batches in a pipeline, the
+requests. The real SmolLM2 (9 query heads, 3 KV heads) with TP=3 generates what TP=1 does,
 each rank holding a third of the weights.
 """
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from workers.engine.config import EngineConfig
+from workers.engine.fault_injection import InjectedFault
 from workers.engine.llm import LLM
+from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -27,7 +30,6 @@ SMALL = {"vocab_size": 301, "hidden_size": 64, "intermediate_size": 128, "num_hi
              "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
              "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
              "rope_theta": 500000.0}}
-STEPS = 64
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +48,33 @@ def random_llama(tmp_path_factory, model_dir) -> str:
     return str(folder)
 
 
-def engine_config(model: str, tp: int, pp: int) -> EngineConfig:
+def engine_config(model: str, tp: int, pp: int, micro_batches: int | None = None) -> EngineConfig:
     # 48 blocks of 4 tokens cannot hold every sequence at once: one gets preempted
     return EngineConfig(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                        dtype="float32", num_threads=1, block_size=4, num_kv_blocks=48,
-                        max_num_seqs=6, max_num_batched_tokens=32, max_model_len=256)
+                        pipeline_batches=micro_batches, dtype="float32", num_threads=1,
+                        block_size=4, num_kv_blocks=48, max_num_seqs=6,
+                        max_num_batched_tokens=32, max_model_len=256)
+
+
+class RecordingSampler:
+    """The engine's sampler, keeping every row it samples by (request, tokens so far)."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.rows: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, logits, seqs):
+        for row, seq in zip(logits, seqs, strict=True):
+            self.rows[seq.request_id, len(seq.token_ids)] = row.clone()
+        return self.sampler(logits, seqs)
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
 
 
 def mixed_batch_run(config: EngineConfig) -> dict:
-    """64 engine steps; per step the sampled logits and tokens, plus the engine's counters."""
+    """Engine steps until every request is done: each step's new tokens, each request's
+    tokens, prompt logprobs and sampled logits rows, and the engine's counters."""
     llm = LLM(config)
     engine = llm.engine
     try:
@@ -63,27 +83,37 @@ def mixed_batch_run(config: EngineConfig) -> dict:
         prompts = [shared + torch.randint(3, 301, (n,), generator=g).tolist()
                    for n in (3, 30, 9, 41)]
         greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-        logits, tokens = [], []
-        execute = engine.runner.execute
-
-        def recording(batch):
-            out = execute(batch)
-            logits.append(None if out.sample is None else out.sample.clone())
-            return out
-
-        engine.runner.execute = recording
+        engine.sampler = sampler = RecordingSampler(engine.sampler)
         for i, p in enumerate(prompts):
             params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
                                     prompt_logprobs=2) if i == 1 else greedy
             engine.add_request(f"r{i}", p, params)
-        for step in range(STEPS):
-            if step == 24:  # the shared prefix's blocks are cached by now
+        steps, outputs, prompt_logprobs = [], {}, {}
+        while engine.has_unfinished():
+            if len(steps) == 24:  # the shared prefix's blocks are cached by now
                 engine.add_request("late", shared + [5, 6, 7], greedy)
-            tokens.append(sorted((o.request_id, o.token_ids) for o in engine.step()))
-        return {"logits": logits, "tokens": tokens, "stats": engine.stats(),
+            step = engine.step()
+            steps.append(sorted((o.request_id, o.token_ids) for o in step))
+            for o in step:
+                outputs[o.request_id] = outputs.get(o.request_id, []) + o.token_ids
+                if o.prompt_logprobs:
+                    prompt_logprobs[o.request_id] = o.prompt_logprobs
+        assert engine.failed == [] and len(outputs["late"]) == 40
+        return {"steps": steps, "outputs": outputs, "logits": sampler.rows,
+                "prompt_logprobs": prompt_logprobs, "stats": engine.stats(),
                 "weights": engine.runner.rank_weight_bytes}
     finally:
         llm.close()
+
+
+def flat_logprobs(entries: list) -> tuple[list[int], torch.Tensor]:
+    """Prompt logprobs ([None, (token, logprob, [(token, logprob), ...]), ...]) as the tokens
+    in order and a tensor of their logprobs."""
+    tokens, values = [], []
+    for token, logprob, top in entries[1:]:
+        tokens += [token] + [t for t, _ in top]
+        values += [logprob] + [v for _, v in top]
+    return tokens, torch.tensor(values)
 
 
 @pytest.fixture(scope="module")
@@ -91,22 +121,90 @@ def reference(random_llama) -> dict:
     return mixed_batch_run(engine_config(random_llama, 1, 1))
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_parallel_engine_matches_single_rank(random_llama, reference, tp, pp):
-    run = mixed_batch_run(engine_config(random_llama, tp, pp))
+@pytest.mark.parametrize("tp,pp,micro_batches", [(2, 1, None), (1, 2, 1), (1, 2, None),
+                                                 (2, 2, None)],
+                         ids=["tp2", "pp2-one-step-at-a-time", "pp2", "tp2xpp2"])
+def test_parallel_engine_matches_single_rank(random_llama, reference, tp, pp, micro_batches):
+    """One step at a time, a split engine runs the very steps one rank does. With two
+    micro-batches in the pipeline the steps differ, but every request's tokens, logits and
+    prompt logprobs are the same."""
+    run = mixed_batch_run(engine_config(random_llama, tp, pp, micro_batches))
     stats = reference["stats"]
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0  # the mix happened
-    assert run["stats"]["num_preemptions"] == stats["num_preemptions"]
-    assert run["tokens"] == reference["tokens"]
-    assert len(run["logits"]) == len(reference["logits"])
-    for got, want in zip(run["logits"], reference["logits"]):
-        assert (got is None) == (want is None)
-        if got is not None:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if pp == 1 or micro_batches == 1:
+        assert run["steps"] == reference["steps"]
+        assert run["stats"]["num_preemptions"] == stats["num_preemptions"]
+    else:  # each step reads one micro-batch: about half the requests
+        assert max(len(step) for step in run["steps"]) < len(reference["outputs"])
+        assert run["stats"]["num_preemptions"] > 0 and run["stats"]["prefix_cache_hits"] > 0
+    assert run["outputs"] == reference["outputs"]
+    assert run["prompt_logprobs"].keys() == reference["prompt_logprobs"].keys() == {"r1"}
+    got, want = (flat_logprobs(r["prompt_logprobs"]["r1"]) for r in (run, reference))
+    assert got[0] == want[0]  # the tokens
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)  # and their logprobs
+    assert run["logits"].keys() == reference["logits"].keys()
+    for key, want in reference["logits"].items():
+        torch.testing.assert_close(run["logits"][key], want, rtol=1e-4, atol=1e-4)
     total = reference["weights"][0]
     assert len(run["weights"]) == tp * pp
     # every rank holds about its share; norms, the replicated KV head and vocab padding on top
     assert max(run["weights"]) < total / (tp * pp) * 1.3
+
+
+def run_engine(engine: LLMEngine, prompts: dict[str, list[int]], abort_after: int | None = None,
+               ) -> tuple[dict[str, list[int]], list[tuple[str, Exception]]]:
+    """Every request greedy to 40 tokens; the newest micro-batch's first request aborted after
+    `abort_after` steps, while it is in the pipeline."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for request_id, ids in prompts.items():
+        engine.add_request(request_id, ids, params)
+    tokens: dict[str, list[int]] = {}
+    failed: list[tuple[str, Exception]] = []
+    steps = 0
+    while engine.has_unfinished():
+        if steps == abort_after:
+            assert engine.pipeline is not None and len(engine.pipeline.in_flight) == 2
+            aborted = engine.pipeline.in_flight[-1].batch.seqs[0].request_id
+            assert engine.abort(aborted).finish_reason == "abort"
+            tokens[aborted] = tokens.get(aborted, []) + ["aborted"]
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        failed += engine.failed
+        steps += 1
+    return tokens, failed
+
+
+def test_pipeline_fails_a_faulty_request_alone_and_an_abort_in_flight_frees_its_blocks(
+        random_llama):
+    g = torch.Generator().manual_seed(3)
+    prompts = {f"ok-{i}": torch.randint(20, 301, (n,), generator=g).tolist()
+               for i, n in enumerate((5, 17, 9, 30, 12))}
+    marker_ids = [299, 300, 290, 280]  # "elomlear"
+    prompts["bad"] = prompts["ok-0"][:3] + marker_ids + prompts["ok-1"][:4]
+    engine = LLMEngine(engine_config(random_llama, 1, 2).model_copy(update={
+        "num_kv_blocks": 128, "fault_marker": "MARKER"}))
+    try:
+        marker = engine.tokenizer.decode(marker_ids)
+        assert all(marker not in engine.tokenizer.decode(p) for k, p in prompts.items()
+                   if k != "bad")
+        engine.faults.marker = marker
+        tokens, failed = run_engine(engine, prompts, abort_after=5)
+        bm = engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+    finally:
+        engine.close()
+    assert [request_id for request_id, _ in failed] == ["bad"]
+    assert isinstance(failed[0][1], InjectedFault)
+    aborted = [k for k, t in tokens.items() if "aborted" in t]
+    assert len(aborted) == 1 and len(tokens[aborted[0]]) < 41
+    clean = LLMEngine(engine_config(random_llama, 1, 1).model_copy(update={"num_kv_blocks": 128}))
+    try:
+        expected, _ = run_engine(clean, {k: p for k, p in prompts.items()
+                                         if k not in ("bad", aborted[0])})
+    finally:
+        clean.close()
+    assert {k: t for k, t in tokens.items() if k not in ("bad", aborted[0])} == expected
+    assert all(len(t) == 40 for t in expected.values())
 
 
 def test_smollm2_tp3_greedy_matches_tp1_and_each_rank_holds_a_third(model_dir):

@@ -7,15 +7,11 @@ error event and [DONE]) and Serve replaces the whole group.
 """
 from __future__ import annotations
 
-import json
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
-from serve_helpers import skip_to_first_content
+from serve_helpers import disconnect_frees_kv, killing_a_rank_ends_streams, worker_actor
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,20 +23,6 @@ TP = 3
 
 def serve_config() -> dict:
     return yaml.safe_load((ROOT / "deploy" / "config.cpu-tp3.yaml").read_text())
-
-
-def worker_actor(replica_id: str, rank: int):
-    import ray
-
-    from workers.replica.worker_actor import worker_actor_name
-
-    return ray.get_actor(worker_actor_name(replica_id, rank), namespace="serve")
-
-
-def replica_load(serve_app):
-    time.sleep(0.6)  # two report intervals
-    (load,) = serve_app.snapshot().loads.values()
-    return load
 
 
 def test_replica_spans_a_placement_group_of_three_bundles(serve_app):
@@ -76,66 +58,11 @@ def test_openai_api_end_to_end_streams_and_n(serve_app):
 
 
 def test_client_disconnect_frees_the_kv_blocks(serve_app):
-    body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 1500, "ignore_eos": True,
-            "stream": True}
-    url = f"{serve_app.base_url}/v1/chat/completions"
-    with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body) as r:
-        assert r.status_code == 200
-        skip_to_first_content(r.iter_lines())
-    # Workers keep no request state: the driver's block tables place every rank's KV, so its
-    # free list is the KV of all three ranks.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        load = replica_load(serve_app)
-        if load.num_running == 0 and load.kv_usage == 0:
-            break
-    assert (load.num_running, load.kv_usage) == (0, 0)
-
-
-def read_stream(url: str, body: dict, started: threading.Event, events: list[str]) -> None:
-    with httpx.Client(timeout=120) as http, http.stream("POST", url, json=body) as r:
-        lines = r.iter_lines()
-        skip_to_first_content(lines)
-        started.set()
-        events.extend(line for line in lines if line.startswith("data: "))
+    disconnect_frees_kv(serve_app, SERVED)
 
 
 def test_killing_a_worker_rank_under_load_ends_streams_and_serve_replaces_the_group(serve_app):
-    import ray
-    from ray.exceptions import RayError
-
-    (victim,) = serve_app.wait_for_replicas(1)
-    url = f"{serve_app.base_url}/v1/chat/completions"
-    streams = [[] for _ in range(3)]
-    starts = [threading.Event() for _ in streams]
-    threads = [threading.Thread(target=read_stream, args=(url, {
-        "model": SERVED, "messages": [{"role": "user", "content": f"Count to {i} thousand."}],
-        "max_tokens": 300, "ignore_eos": True, "stream": True}, started, events))
-        for i, (started, events) in enumerate(zip(starts, streams))]
-    for t in threads:
-        t.start()
-    assert all(s.wait(120) for s in starts)
-    ray.kill(worker_actor(victim, 2), no_restart=True)
-    for t in threads:
-        t.join(600)  # every stream ends instead of hanging
-    assert not any(t.is_alive() for t in threads)
-    for events in streams:
-        # an error event, or the whole answer when the stream resumed on the new replica
-        assert events[-1] == "data: [DONE]"
-        payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
-        assert any("error" in p or any(c.get("finish_reason") for c in p.get("choices", []))
-                   for p in payloads)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # Serve replaces the unhealthy replica and its workers
-        try:
-            ids = serve_app.replica_ids()
-        except RayError:  # the load tracker may be restarting along with its owner
-            ids = []
-        if len(ids) == 1 and victim not in ids:
-            break
-        time.sleep(1)
-    assert len(ids) == 1 and victim not in ids, ids
-    worker_actor(ids[0], 2)  # the new group has its own workers
+    killing_a_rank_ends_streams(serve_app, SERVED, rank=2)
     client = serve_app.openai()
     done = client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=4)
     assert done.choices[0].finish_reason == "length"

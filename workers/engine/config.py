@@ -43,6 +43,9 @@ class EngineConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1)  # CPU matmul threads; None: every core
     tensor_parallel_size: int = Field(1, ge=1)  # devices that split every layer (one node)
     pipeline_parallel_size: int = Field(1, ge=1)  # stages of consecutive layers (may span nodes)
+    # micro-batches in a pipeline at once (disjoint requests, one per stage keeps every stage
+    # busy); None: pipeline_parallel_size; 1: each step runs through every stage alone
+    pipeline_batches: int | None = Field(None, ge=1)
     seed: int = 0
     # testing aid, off by default: a prompt containing this text raises inside the engine step
     fault_marker: str | None = None
@@ -97,6 +100,11 @@ class EngineConfig(BaseModel):
         if self.async_scheduling is None:
             return device_type == "cuda" and self.pipeline_parallel_size == 1
         return self.async_scheduling
+
+    @property
+    def micro_batches(self) -> int:
+        """Steps in the pipeline at once."""
+        return self.pipeline_batches or self.pipeline_parallel_size
 
     @property
     def max_blocks_per_seq(self) -> int:

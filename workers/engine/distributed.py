@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
+    from torch.distributed import ProcessGroup, Work
 
 # a worker waits for its next step plan as long as the replica is idle
 PLAN_TIMEOUT = datetime.timedelta(days=7)
@@ -71,16 +71,36 @@ class ParallelContext:
         dist.gather(local, parts, dst=first, group=self.tp_group)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
-    def send_to_next_stage(self, *tensors: torch.Tensor) -> None:
-        peer = self.rank_of(self.pp_rank + 1, self.tp_rank)
-        for t in tensors:
-            dist.send(t.contiguous(), peer, group=self.device_group)
+    def send_to_next_stage(self, *tensors: torch.Tensor) -> list[Send]:
+        """Start sending; the stage goes on with its next step while the next stage is busy."""
+        return [isend(t, self.rank_of(self.pp_rank + 1, self.tp_rank), self.device_group)
+                for t in tensors]
 
     def recv_from_previous_stage(self, *empties: torch.Tensor) -> tuple[torch.Tensor, ...]:
         peer = self.rank_of(self.pp_rank - 1, self.tp_rank)
         for t in empties:
             dist.recv(t, peer, group=self.device_group)
         return empties
+
+
+@dataclass(frozen=True)
+class Send:
+    """A point-to-point send in progress and its tensor, kept alive until it is done."""
+
+    work: Work
+    tensor: torch.Tensor
+
+
+def isend(tensor: torch.Tensor, peer: int, group: ProcessGroup | None) -> Send:
+    tensor = tensor.contiguous()
+    work = dist.isend(tensor, peer, group=group)
+    assert work is not None, "isend returns its work"
+    return Send(work, tensor)
+
+
+def wait_all(sends: list[Send]) -> None:
+    for send in sends:
+        send.work.wait()
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:

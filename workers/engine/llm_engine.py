@@ -4,6 +4,8 @@ With `async_scheduling` a step is overlapped: the host schedules and launches st
 step N's sampled tokens are still on the device (they are N+1's decode inputs there), then
 reads N's tokens and detokenizes, checks stops and builds outputs for them, one step behind.
 A request that stopped at N has its N+1 token dropped, so outputs are those of plain steps.
+Split into pipeline stages, a step launches a micro-batch and reads an earlier one
+(`workers/engine/pipeline.py`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from workers.engine.fault_injection import FaultInjector
 from workers.engine.in_flight import InFlight, needs_history
 from workers.engine.model_runner import ModelRunner, StepLogits
 from workers.engine.outputs import RequestOutput
+from workers.engine.pipeline import Pipeline
 from workers.engine.sampler import Sampler, SamplerOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
@@ -37,7 +40,6 @@ if TYPE_CHECKING:
     from workers.engine.grammar import GrammarCompiler
 
 log = logging.getLogger("pagoda.engine")
-PREFILL_KEY = 1 << 40  # sorts a prefill after every decode
 
 
 class LLMEngine:
@@ -59,8 +61,9 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
+        micro_batches = config.micro_batches if config.pipeline_parallel_size > 1 else 1
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, micro_batches > 1)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.max_num_seqs,
                                self.runner.device)
         self._grammar: GrammarCompiler | None = None  # built on the first constrained request
@@ -72,6 +75,7 @@ class LLMEngine:
         self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
         self.async_scheduling = config.overlap_steps(self.runner.device.type)
         self.in_flight: InFlight | None = None
+        self.pipeline = Pipeline(self, micro_batches) if micro_batches > 1 else None
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -127,7 +131,7 @@ class LLMEngine:
         self.faults.forget(seq.request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self.in_flight is not None
+        return self.scheduler.has_work() or self.in_flight is not None or bool(self.pipeline)
 
     def workers_alive(self) -> bool:
         return self.workers is None or self.workers.alive()
@@ -147,6 +151,14 @@ class LLMEngine:
         self.failed = []
         self.last_step_time = 0.0
         outputs = StepOutputs()
+        if self.pipeline is not None:
+            self.pipeline.step(outputs)
+        else:
+            self._step(outputs)
+        self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
+        return outputs
+
+    def _step(self, outputs: StepOutputs) -> None:
         prev, self.in_flight = self.in_flight, None
         if prev is not None and any([needs_history(s) for s in prev.sampling
                                      if not (s.history_free and s.grammar is None)
@@ -155,13 +167,7 @@ class LLMEngine:
             prev = None
         batch = self.scheduler.schedule()
         if batch:
-            # decodes first, shortest context first: attention backends batch them in slices
-            keys = [s.num_computed_tokens if n == 1 else PREFILL_KEY + s.num_computed_tokens
-                    for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
-            if keys != sorted(keys):  # steady decodes keep their order: nothing to move
-                order = sorted(range(len(keys)), key=keys.__getitem__)
-                batch.seqs = [batch.seqs[i] for i in order]
-                batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
+            batch.sort_decodes_first()
             if self.async_scheduling:
                 self._launch_or_run(batch, prev, outputs)
                 prev = None
@@ -169,8 +175,6 @@ class LLMEngine:
                 self._run(batch, outputs)
         if prev is not None:
             self._complete(prev, outputs)
-        self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
-        return outputs
 
     def _launch_or_run(self, batch: ScheduledBatch, prev: InFlight | None,
                        outputs: StepOutputs) -> None:
@@ -203,7 +207,7 @@ class LLMEngine:
                 self._run(live, outputs)
             return
         for i, prompt_logits in logits.prompt.items():
-            self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
+            self.record_prompt_logprobs(batch.seqs[i], prompt_logits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
         for seq in sampling:
@@ -218,7 +222,7 @@ class LLMEngine:
         if step.sampled is None:
             return
         sampled = step.sampled.resolve()
-        append = self._append_token
+        append = self.append_token
         for seq, token, logprob in zip(step.sampling, sampled.token_ids, sampled.logprobs,
                                        strict=True):
             seq.num_pending -= 1
@@ -249,22 +253,25 @@ class LLMEngine:
                 self._run(first, outputs)
                 self._run(second, outputs)
                 return
-            seq = batch.seqs[0]
-            log.exception("request %s failed inside an engine step", seq.request_id)
-            self._finish(seq, "error")
-            self.failed.append((seq.request_id, e))
+            log.exception("request %s failed inside an engine step", batch.seqs[0].request_id)
+            self.fail(batch.seqs[0], e)
             return
         for i, prompt_logits in logits.prompt.items():
-            self._record_prompt_logprobs(batch.seqs[i], prompt_logits)
+            self.record_prompt_logprobs(batch.seqs[i], prompt_logits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
         self.block_manager.cache_full_blocks(batch.seqs)
-        append = self._append_token
+        append = self.append_token
         for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs,
                                        strict=True):
             append(seq, token, logprob, outputs)
 
-    def _append_token(self, seq: Sequence, token: int, logprob, outputs: StepOutputs) -> None:
+    def fail(self, seq: Sequence, error: Exception) -> None:
+        """The request raised inside a step (logged by the caller): it ends alone."""
+        self._finish(seq, "error")
+        self.failed.append((seq.request_id, error))
+
+    def append_token(self, seq: Sequence, token: int, logprob, outputs: StepOutputs) -> None:
         token_ids = seq.token_ids
         token_ids.append(token)
         num_tokens = len(token_ids)
@@ -287,8 +294,12 @@ class LLMEngine:
             self._finish(seq, finish)
         outputs.add(seq, [token], None if logprob is None else [logprob], finish, text_end)
 
-    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
-        begin = seq.num_computed_tokens  # not yet advanced for this step
+    def record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor,
+                                begin: int | None = None) -> None:
+        """`begin`: the computed tokens when the step started; by default seq's now, not yet
+        advanced for this step."""
+        if begin is None:
+            begin = seq.num_computed_tokens
         targets = seq.prompt_token_ids[begin + 1:begin + 1 + logits.shape[0]]
         top_n = seq.params.prompt_logprobs
         assert top_n is not None, "only requests that ask for prompt logprobs get prompt rows"
@@ -314,6 +325,8 @@ class LLMEngine:
         """Drop every request (after an engine fault); returns the dropped sequences."""
         dropped = list(self.seqs.values())
         self.in_flight = None
+        if self.pipeline is not None:
+            self.pipeline.clear()
         for seq in dropped:
             if seq.status != SequenceStatus.FINISHED:
                 self._finish(seq, reason)

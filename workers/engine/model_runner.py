@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,9 +24,12 @@ from workers.engine.config import EngineConfig
 from workers.engine.cuda_graph import CudaGraphRunner, GraphShape
 from workers.engine.distributed import (
     ParallelContext,
+    Send,
     destroy_parallel,
     init_parallel,
+    isend,
     stage_layers,
+    wait_all,
 )
 from workers.engine.dtype import choose_dtype
 from workers.engine.errors import WorkerGroupError
@@ -34,13 +40,24 @@ from workers.engine.loader import load_weights
 from workers.engine.model import CausalLM, ModelConfig
 from workers.engine.packed_linear import PackedLinear, pack_linears, packing_supported
 from workers.engine.scheduler import ScheduledBatch
-from workers.engine.step_plan import StepPlan, receive_plan, send_plan
+from workers.engine.step_plan import StepPlan, receive_plan, send_plan, start_sending_plan
+
+if TYPE_CHECKING:
+    from torch.distributed import Work
 
 
 @dataclass
 class StepLogits:
     sample: torch.Tensor | None  # [sampling seqs, vocab], in batch order
     prompt: dict[int, torch.Tensor]  # batch index -> logits of its prompt rows this step
+
+
+@dataclass
+class LaunchedStep:
+    """A step in a pipeline: the driver ran its first stage, the last stage sends the logits."""
+
+    plan: StepPlan
+    plan_sends: list[Work]  # the plan's hand-off to the other ranks, maybe still going
 
 
 log = logging.getLogger("pagoda.engine")
@@ -102,6 +119,7 @@ class ModelRunner:
         self.last_prepare_time = 0.0  # seconds spent flattening the last batch
         self.last_handoff_time = 0.0  # seconds spent handing the last plan to the other ranks
         self.broken = False  # a step across ranks failed: the group cannot be used again
+        self.sends: list[Send] = []  # this rank's activations or logits still being sent
         graphs = config.cuda_graphs and self.backend.name != "torch" and self.ctx.pp_size == 1
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: CudaGraphRunner | None = None  # captured once the KV cache exists
@@ -187,7 +205,7 @@ class ModelRunner:
         self.last_prepare_time = time.perf_counter() - start
         if self.ctx.world_size == 1:
             return self._run_driver(plan, sampled)
-        try:  # a rank that fails mid-step leaves the group out of step: the replica is done
+        with self._across_ranks():
             send_plan(plan, self.ctx)
             if plan.pending:  # the tokens in flight, device to device, in plan order
                 assert sampled is not None, "a plan with pending inputs comes with their tokens"
@@ -196,6 +214,33 @@ class ModelRunner:
                                group=self.ctx.device_group)
             self.last_handoff_time = time.perf_counter() - start - self.last_prepare_time
             return self._run_driver(plan, sampled)
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Pipeline: run the batch's first stage and pass it on, without waiting for the
+        logits (`finish`), so the first stage can take the next micro-batch meanwhile."""
+        start = time.perf_counter()
+        plan = self.prepare(batch)
+        self.last_prepare_time = time.perf_counter() - start
+        with self._across_ranks():
+            sends = start_sending_plan(plan, self.ctx)
+            self.last_handoff_time = time.perf_counter() - start - self.last_prepare_time
+            self.run(plan, receive=False)
+        return LaunchedStep(plan, sends)
+
+    def finish(self, step: LaunchedStep) -> StepLogits:
+        """Wait for a launched step's logits from the last stage."""
+        with self._across_ranks():
+            logits = self._receive_logits(step.plan)
+            for work in step.plan_sends:
+                work.wait()
+            return logits
+
+    @contextmanager
+    def _across_ranks(self) -> Iterator[None]:
+        """A rank that fails mid-step leaves the group out of step: the replica is done."""
+        try:
+            yield
         except Exception as e:
             self.broken = True
             raise WorkerGroupError(f"a step across {self.ctx.world_size} ranks failed: "
@@ -207,8 +252,10 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, sampled: torch.Tensor | None = None) -> StepLogits | None:
-        """This rank's part of one step; the logits on the driver, None on other ranks."""
+    def run(self, plan: StepPlan, sampled: torch.Tensor | None = None,
+            receive: bool = True) -> StepLogits | None:
+        """This rank's part of one step; the logits on the driver, None on other ranks (and
+        on the driver of a pipeline without `receive`: `finish` receives them later)."""
         input_ids, positions, meta = self.inputs(plan)
         if plan.pending:  # inputs sampled by the previous step: copied device to device
             pairs = torch.from_numpy(np.array(plan.pending, dtype=np.int64))  # 4x torch.tensor
@@ -230,8 +277,9 @@ class ModelRunner:
             out = self.model(input_ids, positions, self.kv_caches, meta, intermediate)
             if self.ctx.is_last_stage:
                 return self._logits(out, plan)
-            self.ctx.send_to_next_stage(*out)
-            return self._receive_logits(plan) if self.ctx.rank == 0 else None
+            wait_all(self.sends)
+            self.sends = self.ctx.send_to_next_stage(*out)
+            return self._receive_logits(plan) if self.ctx.rank == 0 and receive else None
         finally:
             if flush:
                 torch.set_flush_denormal(False)
@@ -253,8 +301,9 @@ class ModelRunner:
             return step
         # last stage of a pipeline: the driver samples
         parts = ([sample] if sample is not None else []) + list(step.prompt.values())
-        if parts:
-            dist.send(torch.cat(parts), 0, group=self.ctx.device_group)
+        if parts:  # sent while this stage goes on with the next micro-batch
+            wait_all(self.sends)
+            self.sends = [isend(torch.cat(parts), 0, self.ctx.device_group)]
         return None
 
     def _receive_logits(self, plan: StepPlan) -> StepLogits:
@@ -277,12 +326,14 @@ class ModelRunner:
                 in_flight = torch.empty(len(plan.pending), dtype=torch.int64, device=self.device)
                 dist.broadcast(in_flight, 0, group=self.ctx.device_group)
             self.run(plan, in_flight)
+        wait_all(self.sends)
         destroy_parallel(self.ctx)
 
     def close(self) -> None:
         """Driver: stop the worker ranks' loops and leave the group."""
         if self.ctx.world_size > 1 and not self.broken and dist.is_initialized():
             try:
+                wait_all(self.sends)
                 send_plan(None, self.ctx)
             finally:
                 destroy_parallel(self.ctx)

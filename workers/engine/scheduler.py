@@ -4,6 +4,11 @@ Running sequences are served first (FCFS), then waiting ones are admitted while 
 budget, the sequence limit and free KV blocks allow. When blocks run out, the newest running
 sequence is preempted by recompute: its blocks are freed and it goes back to the front of the
 queue (the prefix cache usually makes the recompute cheap).
+
+In a pipeline (`pipelined`) several micro-batches are in flight at once: a sequence whose
+sampled token is still in one waits for it, so micro-batches hold disjoint decodes. A prefill
+chunk may follow the previous chunk of its prompt before that one is done: every stage runs
+the micro-batches in order, so the KV it reads is always written first.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from dataclasses import dataclass, field
 
 from workers.engine.block_manager import BlockManager
 from workers.engine.sequence import Sequence, SequenceStatus
+
+PREFILL_KEY = 1 << 40  # sorts a prefill after every decode
 
 
 @dataclass
@@ -26,6 +33,15 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def sort_decodes_first(self) -> None:
+        """Decodes first, shortest context first: attention backends batch them in slices."""
+        keys = [s.num_computed_tokens if n == 1 else PREFILL_KEY + s.num_computed_tokens
+                for s, n in zip(self.seqs, self.num_new_tokens, strict=True)]
+        if keys != sorted(keys):  # steady decodes keep their order: nothing to move
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            self.seqs = [self.seqs[i] for i in order]
+            self.num_new_tokens = [self.num_new_tokens[i] for i in order]
+
     def split(self) -> tuple[ScheduledBatch, ScheduledBatch]:
         half = len(self.seqs) // 2
         return (ScheduledBatch(self.seqs[:half], self.num_new_tokens[:half]),
@@ -34,8 +50,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, pipelined: bool = False) -> None:
         self.block_manager = block_manager
+        self.pipelined = pipelined
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -48,17 +65,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, max_seqs: int | None = None) -> ScheduledBatch:
+        """`max_seqs`: at most this many sequences in the batch (a pipeline's micro-batch)."""
         batch = ScheduledBatch()
+        limit = max_seqs or self.max_num_seqs
         seqs, counts = batch.seqs, batch.num_new_tokens
         budget = self.max_num_batched_tokens
         preemptions = self.num_preemptions
         block_size = self.block_manager.block_size
         for seq in self.running:  # preemptions pop from its end: the loop stops before them
-            if budget <= 0:
+            if budget <= 0 or len(seqs) >= limit:
                 break
-            if seq.num_pending and seq.reaches_max_tokens:
-                continue  # finishes when its last token reaches the host
+            if seq.num_pending and (self.pipelined or seq.reaches_max_tokens):
+                continue  # its token is in a pipeline, or ends it when it reaches the host
             n = seq.num_scheduled_tokens - seq.num_computed_tokens
             if n > budget:
                 n = budget
@@ -71,9 +90,11 @@ class Scheduler:
             budget -= n
         preempted = self.num_preemptions > preemptions
         # Admit waiting sequences only when nothing had to be preempted this step.
-        while (self.waiting and budget > 0 and not preempted
+        while (self.waiting and budget > 0 and not preempted and len(seqs) < limit
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
+            if self.pipelined and seq.num_pending:
+                break  # preempted with a token in a pipeline: it resumes once that is back
             # prompt logprobs need every prompt position computed: no prefix reuse
             cached = [] if seq.params.prompt_logprobs is not None else \
                 self.block_manager.find_cached_prefix(seq)

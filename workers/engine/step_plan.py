@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from workers.engine.distributed import ParallelContext
+
+if TYPE_CHECKING:
+    from torch.distributed import Work
 
 RUN, STOP = 1, 0
 HEADER = 7  # kind, tokens, seqs, table width, sample rows, prompt-logprob rows, in flight
@@ -78,9 +82,17 @@ def send_plan(plan: StepPlan | None, ctx: ParallelContext) -> None:
         header = torch.zeros(HEADER, dtype=torch.int64)
         dist.broadcast(header, 0, group=ctx.cpu_group)
         return
+    for work in start_sending_plan(plan, ctx):
+        work.wait()
+
+
+def start_sending_plan(plan: StepPlan, ctx: ParallelContext) -> list[Work]:
+    """Rank 0: start handing the plan over and return at once. A later stage of a pipeline
+    takes it only when it is done with the steps before; the driver goes on meanwhile. Each
+    work holds its tensor until it is done."""
     header, payload = plan.pack()
-    dist.broadcast(header, 0, group=ctx.cpu_group)
-    dist.broadcast(payload, 0, group=ctx.cpu_group)
+    works = [dist.broadcast(t, 0, group=ctx.cpu_group, async_op=True) for t in (header, payload)]
+    return [w for w in works if w is not None]
 
 
 def receive_plan(ctx: ParallelContext) -> StepPlan | None:
