@@ -13,20 +13,42 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+import torch
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.fault_injection import FaultInjector
 from workers.engine.in_flight import MicroBatch
-from workers.engine.scheduler import ScheduledBatch
+from workers.engine.model_runner import ModelRunner
+from workers.engine.sampler import Sampler
+from workers.engine.scheduler import ScheduledBatch, Scheduler
+from workers.engine.sequence import Sequence
 from workers.engine.step_outputs import StepOutputs
-
-if TYPE_CHECKING:
-    from workers.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("pagoda.engine")
 
 
+class Engine(Protocol):
+    """What a pipeline uses of the engine that owns it (LLMEngine)."""
+
+    scheduler: Scheduler
+    runner: ModelRunner
+    sampler: Sampler
+    block_manager: BlockManager
+    faults: FaultInjector
+    last_step_time: float
+
+    def fail(self, seq: Sequence, error: Exception) -> None: ...
+
+    def append_token(self, seq: Sequence, token: int, logprob, outputs: StepOutputs) -> None: ...
+
+    def record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor,
+                               begin: int | None = None) -> None: ...
+
+
 class Pipeline:
-    def __init__(self, engine: LLMEngine, micro_batches: int) -> None:
+    def __init__(self, engine: Engine, micro_batches: int) -> None:
         self.engine = engine
         self.micro_batches = micro_batches
         self.in_flight: deque[MicroBatch] = deque()  # oldest first
