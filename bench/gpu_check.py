@@ -70,7 +70,8 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
                                              else ["tests/kernel"]), 200),
              Stage("core_tests", pytest + ["tests/core/test_fp8.py",
                                            "tests/core/test_kv_memory.py",
-                                           "tests/core/test_async_scheduling.py"], 150, True)]
+                                           "tests/core/test_async_scheduling.py",
+                                           "tests/core/test_input_staging.py"], 150, True)]
     return plan
 
 
