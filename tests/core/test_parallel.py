@@ -228,6 +228,25 @@ def test_smollm2_tp3_greedy_matches_tp1_and_each_rank_holds_a_third(model_dir):
     assert weights[3] == [(total - norms) // 3 + norms] * 3
 
 
+def test_smollm2_three_stages_greedy_matches_one_rank(model_dir):
+    """The middle stage holds neither the (tied) embedding nor the head; three micro-batches
+    are in flight, and the first stage keeps no copy of the head it never uses."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3,", "Once upon a",
+               "Water boils at", "My favourite colour"]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outputs = {}
+    for pp in (1, 3):
+        llm = LLM(EngineConfig(model=model_dir, pipeline_parallel_size=pp, dtype="float32",
+                               num_threads=1, num_kv_blocks=64, max_model_len=512))
+        try:
+            outputs[pp] = [o.token_ids for o in llm.generate(prompts, params)]
+            model = llm.engine.runner.model
+            assert (model.lm_head is None) == (pp > 1)  # tied: the first stage has no head
+        finally:
+            llm.close()
+    assert outputs[3] == outputs[1]
+
+
 def test_overlapped_steps_split_over_ranks_generate_what_plain_steps_on_one_rank_do(
         random_llama):
     """Decode inputs in flight live on the driver's device; the workers get them from the

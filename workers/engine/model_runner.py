@@ -113,7 +113,8 @@ class ModelRunner:
         self.rank_weight_bytes = self._gather_weight_bytes()
         if packing_supported(self.device, self.dtype):
             pack_linears(self.model)
-            if self.model.lm_head is None:  # tied embeddings: pack a copy for the logits
+            if self.model.lm_head is None and self.ctx.is_last_stage:
+                # tied embeddings: pack a copy for the logits, on the stage that computes them
                 self.model.lm_head = PackedLinear(self.model.head_weight)
         self.input_batch = InputBatch(config.max_num_seqs, config.max_blocks_per_seq,
                                       config.block_size)
