@@ -207,6 +207,27 @@ def test_pipeline_fails_a_faulty_request_alone_and_an_abort_in_flight_frees_its_
     assert all(len(t) == 40 for t in expected.values())
 
 
+def test_a_queue_longer_than_max_num_seqs_still_fills_every_micro_batch(random_llama):
+    engine = LLMEngine(engine_config(random_llama, 1, 2).model_copy(update={
+        "num_kv_blocks": 128, "max_num_seqs": 4}))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        for i in range(10):
+            engine.add_request(f"q{i}", [3 + i, 40, 50 + i], params)
+        engine.step()
+        engine.step()
+        assert engine.pipeline is not None
+        assert [len(step.batch) for step in engine.pipeline.in_flight] == [2, 2]
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    finally:
+        engine.close()
+    assert sorted(tokens) == [f"q{i}" for i in range(10)]
+    assert all(len(t) == 8 for t in tokens.values())
+
+
 def test_smollm2_tp3_greedy_matches_tp1_and_each_rank_holds_a_third(model_dir):
     prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3,"]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

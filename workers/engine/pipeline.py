@@ -62,7 +62,9 @@ class Pipeline:
         if len(self.in_flight) >= self.micro_batches:
             self._finish(self.in_flight.popleft(), outputs)
         scheduler = self.engine.scheduler
-        share = -(-(len(scheduler.running) + len(scheduler.waiting)) // self.micro_batches)
+        # an equal share of what can run at once, however long the queue behind it
+        runnable = min(len(scheduler.running) + len(scheduler.waiting), scheduler.max_num_seqs)
+        share = -(-runnable // self.micro_batches)
         batch = self._without_faults(scheduler.schedule(share))
         if batch:
             self._launch(batch)
