@@ -103,7 +103,9 @@ class EngineConfig(BaseModel):
 
     @property
     def micro_batches(self) -> int:
-        """Steps in the pipeline at once."""
+        """Steps in the pipeline at once; 1 without a pipeline."""
+        if self.pipeline_parallel_size == 1:
+            return 1
         return self.pipeline_batches or self.pipeline_parallel_size
 
     @property

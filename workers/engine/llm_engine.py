@@ -61,7 +61,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
-        micro_batches = config.micro_batches if config.pipeline_parallel_size > 1 else 1
+        micro_batches = config.micro_batches
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, micro_batches > 1)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.max_num_seqs,
