@@ -341,5 +341,4 @@ def sampling_seqs(batch: ScheduledBatch, logits: StepLogits) -> list[Sequence]:
         return []
     if logits.sample.shape[0] == len(batch):
         return batch.seqs
-    return [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-            if s.num_computed_tokens + n == s.num_scheduled_tokens]
+    return batch.sampling_seqs()

@@ -99,10 +99,9 @@ class Pipeline:
         launched = engine.runner.launch(batch)
         engine.last_step_time += (time.perf_counter() - forward_start
                                   - engine.runner.last_prepare_time)
-        pairs = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
         begins = [seq.num_computed_tokens for seq in batch.seqs]
-        sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == len(seq.token_ids)]
-        for seq, n in pairs:
+        sampling = batch.sampling_seqs()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
         for seq in sampling:
             seq.num_pending += 1

@@ -42,6 +42,12 @@ class ScheduledBatch:
             self.seqs = [self.seqs[i] for i in order]
             self.num_new_tokens = [self.num_new_tokens[i] for i in order]
 
+    def sampling_seqs(self) -> list[Sequence]:
+        """Before the step: the sequences it takes to their last known or in-flight token,
+        which sample, in batch order."""
+        return [s for s, n in zip(self.seqs, self.num_new_tokens, strict=True)
+                if s.num_computed_tokens + n == s.num_scheduled_tokens]
+
     def split(self) -> tuple[ScheduledBatch, ScheduledBatch]:
         half = len(self.seqs) // 2
         return (ScheduledBatch(self.seqs[:half], self.num_new_tokens[:half]),
