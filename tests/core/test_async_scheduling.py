@@ -54,7 +54,7 @@ def drive(eng: LLMEngine, requests: dict[str, SamplingParams], events=()) -> dic
             else:
                 eng.add_request(rid, tok.encode(PROMPTS[rid]), action)
     bm = eng.block_manager
-    assert bm.num_free_blocks == bm.num_blocks and eng.in_flight is None
+    assert bm.num_free_blocks == bm.num_blocks and not eng.overlapped
     return {rid: r for rid, r in results.items() if r["finish"] is not None}
 
 
@@ -113,7 +113,7 @@ def test_overlap_reads_tokens_one_step_behind(model_dir):
         eng.add_request("a", eng.tokenizer.encode(PROMPTS["a"]),
                         SamplingParams(temperature=0, max_tokens=2))
         assert len(eng.step()) == first_step
-        assert (eng.in_flight is not None) == overlap
+        assert bool(eng.overlapped) == overlap
 
 
 def test_defaults_and_limits(model_dir):

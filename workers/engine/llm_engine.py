@@ -1,10 +1,8 @@
 """The engine: add_request, step (schedule -> run -> sample -> postprocess), abort.
 
-With `async_scheduling` a step is overlapped: the host schedules and launches step N+1 while
-step N's sampled tokens are still on the device (they are N+1's decode inputs there), then
-reads N's tokens and detokenizes, checks stops and builds outputs for them, one step behind.
-A request that stopped at N has its N+1 token dropped, so outputs are those of plain steps.
-Split into pipeline stages, a step launches a micro-batch and reads an earlier one
+A plain step runs one batch to its sampled tokens. With `async_scheduling` a step launches
+the next batch before reading the previous one's tokens (`workers/engine/overlapped.py`);
+split into pipeline stages, it launches a micro-batch and reads an earlier one
 (`workers/engine/pipeline.py`).
 """
 from __future__ import annotations
@@ -23,9 +21,9 @@ from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError, InvalidRequestError
 from workers.engine.fault_injection import FaultInjector
-from workers.engine.in_flight import InFlight, needs_history
-from workers.engine.model_runner import ModelRunner, StepLogits
+from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestOutput
+from workers.engine.overlapped import OverlappedSteps
 from workers.engine.pipeline import Pipeline
 from workers.engine.sampler import Sampler, SamplerOutput
 from workers.engine.sampling_params import SamplingParams
@@ -73,9 +71,13 @@ class LLMEngine:
         self.failed: list[tuple[str, Exception]] = []  # (request id, error) of the last step
         self.last_step_time = 0.0  # seconds in the last model forward
         self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
-        self.async_scheduling = config.overlap_steps(self.runner.device.type)
-        self.in_flight: InFlight | None = None
+        self.overlapped = OverlappedSteps(self) \
+            if config.overlap_steps(self.runner.device.type) else None
         self.pipeline = Pipeline(self, micro_batches) if micro_batches > 1 else None
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.overlapped is not None
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -131,7 +133,7 @@ class LLMEngine:
         self.faults.forget(seq.request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self.in_flight is not None or bool(self.pipeline)
+        return self.scheduler.has_work() or bool(self.overlapped) or bool(self.pipeline)
 
     def workers_alive(self) -> bool:
         return self.workers is None or self.workers.alive()
@@ -153,83 +155,20 @@ class LLMEngine:
         outputs = StepOutputs()
         if self.pipeline is not None:
             self.pipeline.step(outputs)
+        elif self.overlapped is not None:
+            self.overlapped.step(outputs)
         else:
             self._step(outputs)
         self.last_schedule_time = (time.perf_counter() - start) - self.last_step_time
         return outputs
 
     def _step(self, outputs: StepOutputs) -> None:
-        prev, self.in_flight = self.in_flight, None
-        if prev is not None and any([needs_history(s) for s in prev.sampling
-                                     if not (s.history_free and s.grammar is None)
-                                     and not s.finished]):
-            self._complete(prev, outputs)
-            prev = None
         batch = self.scheduler.schedule()
         if batch:
             batch.sort_decodes_first()
-            if self.async_scheduling:
-                self._launch_or_run(batch, prev, outputs)
-                prev = None
-            else:
-                self._run(batch, outputs)
-        if prev is not None:
-            self._complete(prev, outputs)
+            self.run(batch, outputs)
 
-    def _launch_or_run(self, batch: ScheduledBatch, prev: InFlight | None,
-                       outputs: StepOutputs) -> None:
-        """Launch the batch, then complete the step before it; if the launch raises, complete
-        that step and run the batch the plain way, which isolates a failing request."""
-        try:
-            if self.faults.marked:
-                self.faults.check([s.request_id for s in batch.seqs])
-            forward_start = time.perf_counter()
-            tokens = prev.sampled.token_ids if prev and prev.sampled else None
-            logits = self.runner.execute(batch, tokens, prev.rows if prev else None)
-            self.last_step_time += (time.perf_counter() - forward_start
-                                    - self.runner.last_prepare_time)
-            sampling = sampling_seqs(batch, logits)
-            sampled = (self.sampler.sample(logits.sample, sampling)
-                       if logits.sample is not None else None)
-        except EngineDeadError:
-            raise
-        except Exception as e:
-            log.warning("an overlapped step raised (%r): running it step by step", e,
-                        exc_info=True)
-            if prev is not None:
-                self._complete(prev, outputs)
-            live = ScheduledBatch()  # without the requests that step finished
-            for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-                if not seq.finished:
-                    live.seqs.append(seq)
-                    live.num_new_tokens.append(n)
-            if live:
-                self._run(live, outputs)
-            return
-        for i, prompt_logits in logits.prompt.items():
-            self.record_prompt_logprobs(batch.seqs[i], prompt_logits)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-        for seq in sampling:
-            seq.num_pending += 1
-        self.in_flight = InFlight(batch.seqs, sampling, sampled)
-        if prev is not None:
-            self._complete(prev, outputs)
-        self.block_manager.cache_full_blocks(batch.seqs)  # every input token is known now
-
-    def _complete(self, step: InFlight, outputs: StepOutputs) -> None:
-        """Read a launched step's tokens; requests that ended meanwhile drop theirs."""
-        if step.sampled is None:
-            return
-        sampled = step.sampled.resolve()
-        append = self.append_token
-        for seq, token, logprob in zip(step.sampling, sampled.token_ids, sampled.logprobs,
-                                       strict=True):
-            seq.num_pending -= 1
-            if not seq.finished:
-                append(seq, token, logprob, outputs)
-
-    def _run(self, batch: ScheduledBatch, outputs: StepOutputs) -> None:
+    def run(self, batch: ScheduledBatch, outputs: StepOutputs) -> None:
         """Run a batch; if it raises, run each half alone, so a request that breaks every step
         it is in fails by itself. Nothing is committed before the forward and sampling succeed,
         and a rerun rewrites the same KV slots."""
@@ -242,7 +181,7 @@ class LLMEngine:
                 torch.cuda.synchronize()  # free: sampling syncs right after; keeps timing honest
             self.last_step_time += (time.perf_counter() - forward_start
                                     - self.runner.last_prepare_time)
-            sampling = sampling_seqs(batch, logits)
+            sampling = logits.sampling_seqs(batch)
             sampled = (self.sampler(logits.sample, sampling) if logits.sample is not None
                        else SamplerOutput([], []))
         except EngineDeadError:  # the replica itself is broken: no request can run alone
@@ -250,8 +189,8 @@ class LLMEngine:
         except Exception as e:
             if len(batch) > 1:
                 first, second = batch.split()
-                self._run(first, outputs)
-                self._run(second, outputs)
+                self.run(first, outputs)
+                self.run(second, outputs)
                 return
             log.exception("request %s failed inside an engine step", batch.seqs[0].request_id)
             self.fail(batch.seqs[0], e)
@@ -324,7 +263,8 @@ class LLMEngine:
     def abort_all(self, reason: str = "abort") -> list[Sequence]:
         """Drop every request (after an engine fault); returns the dropped sequences."""
         dropped = list(self.seqs.values())
-        self.in_flight = None
+        if self.overlapped is not None:
+            self.overlapped.clear()
         if self.pipeline is not None:
             self.pipeline.clear()
         for seq in dropped:
@@ -333,12 +273,3 @@ class LLMEngine:
         self.seqs.clear()
         return dropped
 
-
-def sampling_seqs(batch: ScheduledBatch, logits: StepLogits) -> list[Sequence]:
-    """The sequences the rows of `logits.sample` belong to, in order: those this step takes to
-    their last known or in-flight token (at most one row each, so all when rows = batch)."""
-    if logits.sample is None:
-        return []
-    if logits.sample.shape[0] == len(batch):
-        return batch.seqs
-    return batch.sampling_seqs()

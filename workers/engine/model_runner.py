@@ -41,16 +41,11 @@ from workers.engine.loader import load_weights
 from workers.engine.model import CausalLM, ModelConfig
 from workers.engine.packed_linear import PackedLinear, pack_linears, packing_supported
 from workers.engine.scheduler import ScheduledBatch
+from workers.engine.step_logits import StepLogits, receive_logits, step_logits
 from workers.engine.step_plan import StepPlan, receive_plan, send_plan, start_sending_plan
 
 if TYPE_CHECKING:
     from torch.distributed import Work
-
-
-@dataclass
-class StepLogits:
-    sample: torch.Tensor | None  # [sampling seqs, vocab], in batch order
-    prompt: dict[int, torch.Tensor]  # batch index -> logits of its prompt rows this step
 
 
 @dataclass
@@ -62,7 +57,6 @@ class LaunchedStep:
 
 
 log = logging.getLogger("pagoda.engine")
-EXACT_TOP_LOGITS = 16  # half-precision logits recomputed in fp32, per row
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
@@ -291,38 +285,18 @@ class ModelRunner:
                 torch.set_flush_denormal(False)
 
     def _logits(self, hidden: torch.Tensor, plan: StepPlan) -> StepLogits | None:
-        rows = plan.sample_rows
-        if len(rows) == hidden.shape[0]:  # rows increase: every row samples (decodes only)
-            sample = self._compute_logits(hidden)
-        else:
-            # a list index would be copied to the device synchronously, waiting for this forward
-            index = torch.tensor(rows).to(hidden.device, non_blocking=True)
-            sample = self._compute_logits(hidden[index]) if rows else None
-        prompt = {i: self._compute_logits(hidden[first:first + count])
-                  for i, first, count in plan.prompt_rows}
-        if self.ctx.tp_rank != 0:  # the other tensor ranks only joined the vocabulary gathers
-            return None
-        step = StepLogits(sample, {i: p for i, p in prompt.items() if p is not None})
-        if self.ctx.rank == 0:
+        step = step_logits(self.model, hidden, plan, self.ctx)
+        if step is None or self.ctx.rank == 0:
             return step
-        # last stage of a pipeline: the driver samples
-        parts = ([sample] if sample is not None else []) + list(step.prompt.values())
-        if parts:  # sent while this stage goes on with the next micro-batch
+        packed = step.packed()  # last stage of a pipeline: the driver samples
+        if packed is not None:  # sent while this stage goes on with the next micro-batch
             wait_all(self.sends)
-            self.sends = [isend(torch.cat(parts), 0, self.ctx.device_group)]
+            self.sends = [isend(packed, 0, self.ctx.device_group)]
         return None
 
     def _receive_logits(self, plan: StepPlan) -> StepLogits:
-        counts = [len(plan.sample_rows)] + [count for _, _, count in plan.prompt_rows]
-        if not sum(counts):
-            return StepLogits(None, {})
-        logits = torch.empty(sum(counts), self.model_config.vocab_size, dtype=self.dtype,
-                             device=self.device)
-        dist.recv(logits, self.ctx.rank_of(self.ctx.pp_size - 1, 0),
-                  group=self.ctx.device_group)
-        sample, *prompt = logits.split(counts)
-        return StepLogits(sample if plan.sample_rows else None,
-                          {i: p for (i, _, _), p in zip(plan.prompt_rows, prompt, strict=False)})
+        return receive_logits(plan, self.ctx, self.model_config.vocab_size, self.dtype,
+                              self.device)
 
     def serve_forever(self) -> None:
         """A worker rank's loop: run every plan the driver sends until it stops the group."""
@@ -343,15 +317,3 @@ class ModelRunner:
                 send_plan(None, self.ctx)
             finally:
                 destroy_parallel(self.ctx)
-
-    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.model.compute_logits(hidden)
-        # tensor-parallel ranks hold a vocabulary shard (None past the gather on rank > 0)
-        if logits is None or self.ctx.world_size > 1 or logits.dtype == torch.float32:
-            return logits
-        # bf16 keeps 8 bits of mantissa: logits near 20 round to steps of 0.125, enough to
-        # swap the top two tokens. The top candidates are recomputed exactly in fp32.
-        weight = self.model.head_weight
-        top = logits.topk(min(EXACT_TOP_LOGITS, logits.shape[-1]), dim=-1).indices
-        exact = torch.einsum("rd,rkd->rk", hidden.float(), weight[top].float())
-        return logits.float().scatter_(1, top, exact)

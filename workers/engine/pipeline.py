@@ -13,38 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Protocol
 
-import torch
-
-from workers.engine.block_manager import BlockManager
-from workers.engine.fault_injection import FaultInjector
-from workers.engine.in_flight import MicroBatch
-from workers.engine.model_runner import ModelRunner
-from workers.engine.sampler import Sampler
-from workers.engine.scheduler import ScheduledBatch, Scheduler
-from workers.engine.sequence import Sequence
+from workers.engine.in_flight import Engine, MicroBatch, advance
+from workers.engine.scheduler import ScheduledBatch
 from workers.engine.step_outputs import StepOutputs
 
 log = logging.getLogger("pagoda.engine")
-
-
-class Engine(Protocol):
-    """What a pipeline uses of the engine that owns it (LLMEngine)."""
-
-    scheduler: Scheduler
-    runner: ModelRunner
-    sampler: Sampler
-    block_manager: BlockManager
-    faults: FaultInjector
-    last_step_time: float
-
-    def fail(self, seq: Sequence, error: Exception) -> None: ...
-
-    def append_token(self, seq: Sequence, token: int, logprob, outputs: StepOutputs) -> None: ...
-
-    def record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor,
-                               begin: int | None = None) -> None: ...
 
 
 class Pipeline:
@@ -101,10 +75,7 @@ class Pipeline:
                                   - engine.runner.last_prepare_time)
         begins = [seq.num_computed_tokens for seq in batch.seqs]
         sampling = batch.sampling_seqs()
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-        for seq in sampling:
-            seq.num_pending += 1
+        advance(batch, sampling)
         self.in_flight.append(MicroBatch(batch, sampling, begins, launched))
         engine.block_manager.cache_full_blocks(batch.seqs)  # every input token is known now
 
