@@ -15,6 +15,8 @@ distinct row per request (what the CPU engine itself meets after its forward).
 Per scenario (batch 1, 64 and 256 decodes, and 64 decodes with a 2,048-token prefill joining
 every step) it prints the median wall time of one `step()` and a breakdown per phase, taken
 in a further pass with each phase's functions timed (the timers' own cost lands in "other").
+This machine's speed drifts by tens of percent over minutes, so every figure is the median
+over `--rounds` fresh processes, alternating engines when comparing.
 
     python bench/host_overhead.py                  # this checkout
     python bench/host_overhead.py --compare main   # also a git ref, same run: before/after
@@ -268,22 +270,45 @@ def sampler_ms(rows: int = 256, vocab: int = 32, steps: int = 300) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure_ref(ref: str, overlap: bool = False) -> dict[str, dict[str, float]]:
-    """The same measurement on the engine of a git ref, in a checkout of it, in a subprocess."""
+def measure_process(root: str, overlap: bool) -> dict[str, dict[str, float]]:
+    """`measure` on the engine under root, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": root}
+    flags = ["--async-scheduling"] if overlap else []
+    out = subprocess.run([sys.executable, __file__, "--json", "--root", root, *flags],
+                         env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_of(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per scenario and figure, the median over rounds."""
+    return {name: {key: statistics.median(r[name][key] for r in rounds) for key in figures}
+            for name, figures in rounds[0].items()}
+
+
+def measure_rounds(ref: str | None, rounds: int, overlap: bool
+                   ) -> tuple[list[dict], list[dict]]:
+    """Each round measures this checkout and, with ref, a checkout of that git ref, each in
+    a fresh process, alternating which goes first (ABBA): this machine's speed drifts by
+    tens of percent over minutes (other tenants), so one process each would compare those
+    drifts as much as the engines."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = os.path.join(tmp, "tree")
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, ref],
-                       check=True, capture_output=True)
-        try:
+        if ref:
+            subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, ref],
+                           check=True, capture_output=True)
             os.symlink(os.path.join(ROOT, "models"), os.path.join(tree, "models"))
-            env = {**os.environ, "PYTHONPATH": tree}
-            flags = ["--async-scheduling"] if overlap else []
-            out = subprocess.run([sys.executable, __file__, "--json", "--root", tree, *flags],
-                                 env=env, check=True, capture_output=True, text=True)
+        try:
+            here: list[dict] = []
+            there: list[dict] = []
+            for r in range(rounds):
+                order = [(ROOT, here), (tree, there)] if ref else [(ROOT, here)]
+                for root, into in (order if r % 2 == 0 else order[::-1]):
+                    into.append(measure_process(root, overlap))
         finally:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree],
-                           check=False, capture_output=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+            if ref:
+                subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree],
+                               check=False, capture_output=True)
+    return here, there
 
 
 PHASES = ["schedule", "prepare", "forward", "sample", "detokenize+stop", "outputs", "other"]
@@ -317,33 +342,48 @@ def table(results: dict, before: dict | None, ref: str) -> str:
             sampled)
 
 
+def spread(here: list[dict], there: list[dict], ref: str | None) -> str:
+    """Each round's host ms/step at batch 256: how far the machine drifted during the run."""
+    def rounds(results: list[dict]) -> str:
+        return ", ".join(f"{r['decode x256']['host']:.3f}" for r in results)
+
+    line = f"Host ms/step at decode x256, round by round: {rounds(here)}"
+    return line + (f"; at {ref}: {rounds(there)}." if there else ".")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compare", help="also measure this git ref's engine, same run")
     parser.add_argument("--json", action="store_true", help="print results as JSON only")
     parser.add_argument("--async-scheduling", action="store_true",
                         help="overlapped steps (on CPU the same work in another order)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="fresh processes per side; figures are medians over them")
     parser.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, args.root)
-    results = measure(args.async_scheduling)
     if args.json:
-        print(json.dumps(results))
+        sys.path.insert(0, args.root)
+        print(json.dumps(measure(args.async_scheduling)))
         return
-    before = measure_ref(args.compare, args.async_scheduling) if args.compare else None
-    body = table(results, before, args.compare)
-    print(body)
     sys.path.insert(0, ROOT)
+    here, there = measure_rounds(args.compare, args.rounds, args.async_scheduling)
+    results = median_of(here)
+    before = median_of(there) if there else None
+    body = table(results, before, args.compare) + "\n\n" + spread(here, there, args.compare)
+    print(body)
     from bench.results import update_section
 
     title = "Engine host overhead per step (stand-in model, no forward)"
     flags = (f" --compare {args.compare}" if args.compare else "") + \
-        (" --async-scheduling" if args.async_scheduling else "")
+        (" --async-scheduling" if args.async_scheduling else "") + \
+        (f" --rounds {args.rounds}" if args.rounds != 3 else "")
     update_section(title + (", overlapped steps" if args.async_scheduling else ""), (
         f"`python bench/host_overhead.py{flags}`"
         + ": one engine step with a model whose forward costs nothing (fixed logits of the "
         "real [rows, 49152] shape), so every millisecond is host work: scheduling, input "
-        "preparation, sampling, detokenization and stop checks, output records. Host = median "
+        "preparation, sampling, detokenization and stop checks, output records. Each figure "
+        "is the median over rounds, each round a fresh process per engine, the engines' "
+        "order alternating (this machine's speed drifts over minutes). Host = median "
         "over steps of the step minus its greedy argmax over [rows, 49152] logits (device "
         "work on a GPU, timed inline). In `host ms/step` the batch shares one logits row per "
         "step, so the argmax leaves the caches warm as a GPU does; in `distinct rows` every "
