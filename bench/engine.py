@@ -2,10 +2,11 @@
 against the roofline (bench/roofline.py) measured in the same run.
 
 64 requests with mixed prompt lengths, 128 output tokens each (EOS ignored so every system
-does the same work). Ours runs in each dtype asked for; HF runs sequentially in float32 (what
-`from_pretrained` gives a user on a CPU; on a subset, then per-token rates compare) and as a
-static left-padded batch of 32 in each dtype. With `--tp N --pp M` it instead measures a
-replica split over N x M ranks against one rank (bench/parallel.py).
+does the same work). Ours runs in each dtype asked for. HF runs sequentially (on a subset, then
+per-token rates compare) in each of those dtypes and, on a CPU, in float32 (what
+`from_pretrained` gives a user there); and as a static left-padded batch of 32 in each of those
+dtypes. With `--tp N --pp M` it instead measures a replica split over N x M ranks against one
+rank (bench/parallel.py).
 """
 from __future__ import annotations
 
@@ -157,10 +158,11 @@ def main() -> None:
     ours = {(d, q): bench_ours(args.model, prompts, args.max_tokens, args.device, d,
                                None if q == "none" else q, overlap, args.temperature,
                                args.top_p) for d, q in variants}
-    sequential, static = None, {}
+    sequential, static = {}, {}
     if not args.no_hf:
-        sequential = bench_hf(args.model, prompts[:args.sequential_requests], args.max_tokens,
-                              1, args.device, user_dtype)
+        sequential = {d: bench_hf(args.model, prompts[:args.sequential_requests],
+                                  args.max_tokens, 1, args.device, d)
+                      for d in dict.fromkeys([user_dtype, *dtypes])}
         static = {d: bench_hf(args.model, prompts[:32], args.max_tokens, 32, args.device, d)
                   for d in dtypes}
     rows = []
@@ -171,18 +173,19 @@ def main() -> None:
                      f"{r['tok_s']:.1f}", f"{r['roofline_tok_s']:.0f}",
                      f"{r['of_roofline']:.0%}", f"{r['outside_forward']:.1%}",
                      r["preemptions"], f"{r['graph_steps']}/{r['decode_steps']}",
-                     f"{r['tok_s'] / sequential['tok_s']:.1f}x" if sequential else "",
+                     f"{r['tok_s'] / sequential[user_dtype]['tok_s']:.1f}x" if sequential else "",
+                     f"{r['tok_s'] / sequential[d]['tok_s']:.1f}x" if sequential else "",
                      f"{r['tok_s'] / static[d]['tok_s']:.1f}x" if static else ""])
-    if sequential:
-        rows.append(["HF generate, sequential", user_dtype, "none", args.sequential_requests,
-                     f"{sequential['tok_s']:.1f}"] + [""] * 7)
+    for d, r in sequential.items():
+        rows.append(["HF generate, sequential", d, "none", args.sequential_requests,
+                     f"{r['tok_s']:.1f}"] + [""] * 8)
     for d, r in static.items():
         rows.append(["HF generate, static batch 32", d, "none", 32, f"{r['tok_s']:.1f}"]
-                    + [""] * 7)
+                    + [""] * 8)
     table = markdown_table(["system", "dtype", "quantization", "requests", "output tok/s",
                             "roofline tok/s", "of roofline", "outside forward", "preemptions",
                             "decode steps in CUDA graphs", f"vs HF sequential ({user_dtype})",
-                            "vs HF static 32 (same dtype)"], rows)
+                            "vs HF sequential (same dtype)", "vs HF static 32 (same dtype)"], rows)
     limits = "\n".join(
         f"- {d}{'' if q == 'none' else ' ' + q}: matmul peak {r['peak'] / 1e9:.0f} GFLOP/s, "
         f"copy bandwidth {r['bandwidth'] / 1e9:.1f} GB/s ({torch.get_num_threads()} threads; "
