@@ -15,8 +15,9 @@ distinct row per request (what the CPU engine itself meets after its forward).
 Per scenario (batch 1, 64 and 256 decodes, and 64 decodes with a 2,048-token prefill joining
 every step) it prints the median wall time of one `step()` and a breakdown per phase, taken
 in a further pass with each phase's functions timed (the timers' own cost lands in "other").
-This machine's speed drifts by tens of percent over minutes, so every figure is the median
-over `--rounds` fresh processes, alternating engines when comparing.
+On this machine the same code's figures are steady within a process but differ by up to a
+third between processes, so every figure is the median over `--rounds` fresh processes,
+alternating engines when comparing.
 
     python bench/host_overhead.py                  # this checkout
     python bench/host_overhead.py --compare main   # also a git ref, same run: before/after
@@ -288,9 +289,9 @@ def median_of(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, 
 def measure_rounds(ref: str | None, rounds: int, overlap: bool
                    ) -> tuple[list[dict], list[dict]]:
     """Each round measures this checkout and, with ref, a checkout of that git ref, each in
-    a fresh process, alternating which goes first (ABBA): this machine's speed drifts by
-    tens of percent over minutes (other tenants), so one process each would compare those
-    drifts as much as the engines."""
+    a fresh process, alternating which goes first (ABBA): on this machine the same code's
+    figures differ by up to a third between processes, so one process each would compare
+    those differences as much as the engines."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = os.path.join(tmp, "tree")
         if ref:
@@ -343,7 +344,7 @@ def table(results: dict, before: dict | None, ref: str) -> str:
 
 
 def spread(here: list[dict], there: list[dict], ref: str | None) -> str:
-    """Each round's host ms/step at batch 256: how far the machine drifted during the run."""
+    """Each round's host ms/step at batch 256: how far processes differed during the run."""
     def rounds(results: list[dict]) -> str:
         return ", ".join(f"{r['decode x256']['host']:.3f}" for r in results)
 
@@ -383,7 +384,7 @@ def main() -> None:
         "real [rows, 49152] shape), so every millisecond is host work: scheduling, input "
         "preparation, sampling, detokenization and stop checks, output records. Each figure "
         "is the median over rounds, each round a fresh process per engine, the engines' "
-        "order alternating (this machine's speed drifts over minutes). Host = median "
+        "order alternating (figures differ between processes). Host = median "
         "over steps of the step minus its greedy argmax over [rows, 49152] logits (device "
         "work on a GPU, timed inline). In `host ms/step` the batch shares one logits row per "
         "step, so the argmax leaves the caches warm as a GPU does; in `distinct rows` every "
