@@ -80,19 +80,24 @@ class BlockManager:
 
         `cached` are prefix-cache hits for a sequence that holds no blocks yet.
         """
-        cached = cached or []
-        base = len(cached) * self.block_size if cached else seq.num_computed_tokens
-        reused_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
-        needed = self.blocks_needed(base + num_new_tokens) - len(seq.block_table) - len(cached)
-        if needed + reused_free > self.num_free_blocks:
-            return False
-        for block_id in cached:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.free[block_id]
-            block.ref_count += 1
-            seq.block_table.append(block_id)
-        for _ in range(max(needed, 0)):
+        if not cached:  # a running sequence growing: most calls
+            needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - \
+                len(seq.block_table)
+            if needed > len(self.free):
+                return False
+        else:
+            reused_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+            needed = self.blocks_needed(len(cached) * self.block_size + num_new_tokens) - \
+                len(seq.block_table) - len(cached)
+            if needed + reused_free > self.num_free_blocks:
+                return False
+            for block_id in cached:
+                block = self.blocks[block_id]
+                if block.ref_count == 0:
+                    del self.free[block_id]
+                block.ref_count += 1
+                seq.block_table.append(block_id)
+        for _ in range(needed):
             seq.block_table.append(self._take_free())
         return True
 

@@ -81,17 +81,22 @@ class InputBatch:
         request's token in the step in flight."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         rows, width = self.tables.rows_of(seqs)
-        begins = [seq.num_computed_tokens for seq in seqs]
+        begins: list[int] = []
         token_ids: list[int] = []
         pending: list[tuple[int, int]] = []
         sample_rows: list[int] = []
         prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
         start = 0
-        for i, (seq, begin, n) in enumerate(zip(seqs, begins, counts, strict=True)):
+        for i, seq in enumerate(seqs):
+            begin, n = seq.num_computed_tokens, counts[i]
+            begins.append(begin)
             ids = seq.token_ids
             known = len(ids)
             if begin < known:
-                token_ids += ids[begin:begin + n]
+                if n == 1:
+                    token_ids.append(ids[begin])
+                else:
+                    token_ids += ids[begin:begin + n]
             else:  # its input is the token in flight
                 assert sampled_rows is not None, "a token in flight needs the step it is in"
                 pending.append((start, sampled_rows[seq.request_id]))

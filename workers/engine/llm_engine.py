@@ -165,7 +165,6 @@ class LLMEngine:
     def _step(self, outputs: StepOutputs) -> None:
         batch = self.scheduler.schedule()
         if batch:
-            batch.sort_decodes_first()
             self.run(batch, outputs)
 
     def run(self, batch: ScheduledBatch, outputs: StepOutputs) -> None:

@@ -39,7 +39,6 @@ class OverlappedSteps:
             prev = None
         batch = self.engine.scheduler.schedule()
         if batch:
-            batch.sort_decodes_first()
             self._launch_or_run(batch, prev, outputs)
         elif prev is not None:
             self._complete(prev, outputs)

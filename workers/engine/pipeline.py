@@ -68,7 +68,6 @@ class Pipeline:
 
     def _launch(self, batch: ScheduledBatch) -> None:
         engine = self.engine
-        batch.sort_decodes_first()
         forward_start = time.perf_counter()
         launched = engine.runner.launch(batch)
         engine.last_step_time += (time.perf_counter() - forward_start

@@ -33,11 +33,9 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
-    def sort_decodes_first(self) -> None:
-        """Decodes first, shortest context first: attention backends batch them in slices."""
-        keys = [s.num_computed_tokens if n == 1 else PREFILL_KEY + s.num_computed_tokens
-                for s, n in zip(self.seqs, self.num_new_tokens, strict=True)]
-        if keys != sorted(keys):  # steady decodes keep their order: nothing to move
+    def sort(self, keys: list[int]) -> None:
+        """Into the order of keys, one per sequence (steady decodes keep their order)."""
+        if keys != sorted(keys):
             order = sorted(range(len(keys)), key=keys.__getitem__)
             self.seqs = [self.seqs[i] for i in order]
             self.num_new_tokens = [self.num_new_tokens[i] for i in order]
@@ -72,8 +70,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, max_seqs: int | None = None) -> ScheduledBatch:
-        """`max_seqs`: at most this many sequences in the batch (a pipeline's micro-batch)."""
+        """The next step's batch, decodes first and shortest context first (attention backends
+        batch them in slices); `max_seqs`: at most this many sequences (a pipeline's
+        micro-batch)."""
         batch = ScheduledBatch()
+        keys: list[int] = []  # each sequence's place in that order
         limit = max_seqs or self.max_num_seqs
         seqs, counts = batch.seqs, batch.num_new_tokens
         budget = self.max_num_batched_tokens
@@ -84,15 +85,17 @@ class Scheduler:
                 break
             if seq.num_pending and (self.pipelined or seq.reaches_max_tokens):
                 continue  # its token is in a pipeline, or ends it when it reaches the host
-            n = seq.num_scheduled_tokens - seq.num_computed_tokens
+            computed = seq.num_computed_tokens
+            n = len(seq.token_ids) + seq.num_pending - computed  # num_scheduled_tokens, inline
             if n > budget:
                 n = budget
             # most decodes fit in the blocks they hold: checked here, without the calls
-            if seq.num_computed_tokens + n > len(seq.block_table) * block_size and \
+            if computed + n > len(seq.block_table) * block_size and \
                     not self._allocate(seq, n):
                 break  # seq itself was preempted: it was the last one running
             seqs.append(seq)
             counts.append(n)
+            keys.append(computed if n == 1 else PREFILL_KEY + computed)
             budget -= n
         preempted = self.num_preemptions > preemptions
         # Admit waiting sequences only when nothing had to be preempted this step.
@@ -113,9 +116,11 @@ class Scheduler:
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
+            seqs.append(seq)
+            counts.append(n)
+            keys.append(num_cached if n == 1 else PREFILL_KEY + num_cached)
             budget -= n
+        batch.sort(keys)
         return batch
 
     def _allocate(self, seq: Sequence, n: int) -> bool:
