@@ -6,6 +6,7 @@ run the same forward in `serve_forever`; the full-vocabulary logits come back to
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -258,9 +259,11 @@ class ModelRunner:
         on the driver of a pipeline without `receive`: `finish` receives them later)."""
         input_ids, positions, meta = self.inputs(plan)
         if plan.pending:  # inputs sampled by the previous step: copied device to device
-            pairs = torch.from_numpy(np.array(plan.pending, dtype=np.int64))  # 4x torch.tensor
-            pairs = pairs.to(self.device, non_blocking=True)
-            rows, sources = pairs[:, 0], pairs[:, 1]
+            # flat, then split: 2x np.array over the tuples, 7x torch.tensor
+            flat = np.fromiter(itertools.chain.from_iterable(plan.pending), np.int64,
+                               2 * len(plan.pending))
+            pairs = torch.from_numpy(flat).to(self.device, non_blocking=True)
+            rows, sources = pairs[0::2], pairs[1::2]
             assert sampled is not None, "a plan with pending inputs comes with their tokens"
             input_ids[rows] = sampled[sources]
         if self.graphs is not None and self.graphs.can_run(meta):

@@ -83,7 +83,7 @@ class Scheduler:
         for seq in self.running:  # preemptions pop from its end: the loop stops before them
             if budget <= 0 or len(seqs) >= limit:
                 break
-            if seq.num_pending and (self.pipelined or seq.reaches_max_tokens):
+            if seq.num_pending and (self.pipelined or seq.reaches_limit):
                 continue  # its token is in a pipeline, or ends it when it reaches the host
             computed = seq.num_computed_tokens
             n = len(seq.token_ids) + seq.num_pending - computed  # num_scheduled_tokens, inline

@@ -81,10 +81,10 @@ class Sequence:
         return len(self.token_ids) + self.num_pending
 
     @property
-    def reaches_max_tokens(self) -> bool:
-        """Its pending tokens end it by max_tokens: nothing more to compute."""
-        limit = self.params.max_tokens
-        return limit is not None and self.num_output_tokens + self.num_pending >= limit
+    def reaches_limit(self) -> bool:
+        """Its pending tokens end it by length (max_tokens or the context): nothing more to
+        compute."""
+        return len(self.token_ids) + self.num_pending >= self.token_limit
 
     @property
     def finished(self) -> bool:
