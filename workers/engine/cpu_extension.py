@@ -4,12 +4,16 @@ Each extension is compiled on first use with the machine's C++ compiler for its 
 set (`-march=native`) and cached under $PAGODA_KERNEL_CACHE (default ~/.cache/pagoda/kernels),
 in a folder keyed by the CPU's feature flags (a cache shared between machines never hands one a
 binary it cannot run) and by the source's content and flags (an edited source always builds
-afresh; the headers beside it count as part of the source).
+afresh; the headers beside it count as part of the source). The build compiles a copy of the
+source kept in that folder, so checkouts at different paths share one binary instead of
+rebuilding it in turn, and it holds an OS lock that dies with its process: a build killed halfway
+never leaves the next process waiting on torch's lock file.
 Where it cannot build (no compiler, no ninja), `try_build` returns None and callers keep
 their PyTorch path.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -49,9 +53,30 @@ def build(name: str, source: str, extra_flags: list[str] | None = None) -> Modul
         pass
     directory = build_directory(name, source, extra_flags)
     os.makedirs(directory, exist_ok=True)
-    return cpp_extension.load(name, [source], extra_cflags=FLAGS + (extra_flags or []),
-                              extra_ldflags=["-fopenmp"], build_directory=directory,
-                              verbose=False)
+    with open(os.path.join(directory, "build.lock"), "w") as baton:
+        fcntl.flock(baton, fcntl.LOCK_EX)  # the kernel releases it if this process dies
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale):  # torch's own lock: no build holds it while we hold ours
+            os.remove(stale)
+        return cpp_extension.load(name, [_copy_sources(source, directory)],
+                                  extra_cflags=FLAGS + (extra_flags or []),
+                                  extra_ldflags=["-fopenmp"], build_directory=directory,
+                                  verbose=False)
+
+
+def _copy_sources(source: str, directory: str) -> str:
+    """Copies the source and its headers into the build folder, once; returns the copy's path."""
+    folder = os.path.dirname(os.path.abspath(source))
+    copies = os.path.join(directory, "src")
+    os.makedirs(copies, exist_ok=True)
+    headers = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".h")]
+    for path in [source] + headers:
+        copy = os.path.join(copies, os.path.basename(path))
+        if not os.path.exists(copy):  # same folder, same content: rewriting would only bump mtime
+            with open(path, "rb") as f, open(copy + ".tmp", "wb") as out:
+                out.write(f.read())
+            os.replace(copy + ".tmp", copy)
+    return os.path.join(copies, os.path.basename(source))
 
 
 def try_build(name: str, source: str, what: str, extra_flags: list[str] | None = None
