@@ -36,8 +36,8 @@ def reference(batch: ScheduledBatch) -> dict:
     return {"ids": ids, "pos": pos, "slots": slots, "sample": sample, "prompt": prompt}
 
 
-def check(inputs: InputBatch, batch: ScheduledBatch, sampled_rows=None) -> None:
-    plan = inputs.plan(batch, sampled_rows)
+def check(inputs: InputBatch, batch: ScheduledBatch) -> None:
+    plan = inputs.plan(batch)
     want = reference(batch)
     assert plan.input_ids.tolist() == want["ids"]
     assert plan.positions.tolist() == want["pos"]
@@ -69,11 +69,15 @@ def test_tokens_in_flight_and_row_reuse():
     a, b = seq("a", 5, 2, 7, 0), seq("b", 5, 2, 7, 10)
     a.num_pending = b.num_pending = 1
     a.num_computed_tokens = b.num_computed_tokens = 7  # inputs: the tokens in flight
-    plan = inputs.plan(ScheduledBatch([a, b], [1, 1]), {"a": 1, "b": 0})
+    a.pending_row, b.pending_row = 1, 0
+    plan = inputs.plan(ScheduledBatch([a, b], [1, 1]))
     assert plan.pending == [(0, 1), (1, 0)] and plan.input_ids.tolist() == [0, 0]
+    assert not plan.pending_in_place
+    plan = inputs.plan(ScheduledBatch([b, a], [1, 1]))  # each in the row it was sampled in
+    assert plan.pending == [(0, 0), (1, 1)] and plan.pending_in_place
     inputs.release("a")
     c = seq("c", 3, 0, 0, 50)  # takes a's row: its table is written whole
-    check(inputs, ScheduledBatch([b, c], [1, 3]), {"b": 0})
+    check(inputs, ScheduledBatch([b, c], [1, 3]))
 
 
 def test_no_free_row_takes_the_row_of_a_sequence_outside_the_batch():

@@ -101,3 +101,21 @@ def test_prefix_cache_skips_computed_blocks():
     batch = run_step(sched)
     assert batch.num_new_tokens == [14 - 12] and second.num_cached_tokens == 12
     assert bm.prefix_hits == 12 and bm.prefix_queries == 13 + 14
+
+
+def test_decodes_lead_the_batch_longest_context_first():
+    """Attention slices decodes from the front of the batch, grouped by length; running
+    sequences, oldest (longest) first, keep their order."""
+    _, sched = make(budget=64)
+    short = Sequence("short", list(range(3)), SamplingParams())
+    long = Sequence("long", list(range(9)), SamplingParams())
+    for s in (short, long):
+        sched.add(s)
+    run_step(sched)  # both prefill
+    late = Sequence("late", list(range(100, 120)), SamplingParams())
+    sched.add(late)
+    batch = run_step(sched)
+    assert [s.request_id for s in batch.seqs] == ["long", "short", "late"]
+    assert batch.num_new_tokens == [1, 1, 20]
+    batch = run_step(sched)
+    assert [s.request_id for s in batch.seqs] == ["late", "long", "short"]

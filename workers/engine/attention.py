@@ -90,16 +90,16 @@ class TorchBackend:
         return rows.view(*table.shape[:-1], -1, heads, dim)[..., :length, :, :]
 
     def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, lens, scale):
-        # Groups of similar length (the engine sorts decodes by length): gathering every row
-        # to the batch's longest context would copy mostly padding.
-        if lens != sorted(lens):
+        # Groups of similar length (the engine sorts decodes longest first): gathering every
+        # row to the batch's longest context would copy mostly padding.
+        if lens != sorted(lens, reverse=True):
             return self._decode_group(q, k_cache, v_cache, block_tables, seq_lens, max(lens),
                                       scale)
         out = torch.empty_like(q)
         for start in range(0, len(lens), DECODE_GROUP):
             g = slice(start, start + DECODE_GROUP)
             out[g] = self._decode_group(q[g], k_cache, v_cache, block_tables[g], seq_lens[g],
-                                        lens[g][-1], scale)
+                                        lens[g][0], scale)
         return out
 
     def _decode_group(self, q, k_cache, v_cache, block_tables, seq_lens, max_len, scale):

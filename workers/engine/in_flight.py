@@ -44,10 +44,6 @@ class InFlight:
     sampling: list[Sequence]  # those that sample, in the order of `sampled`
     sampled: SampledTokens | None
 
-    @property
-    def rows(self) -> dict[str, int]:
-        return {s.request_id: i for i, s in enumerate(self.sampling)}
-
 
 @dataclass
 class MicroBatch:
@@ -60,11 +56,19 @@ class MicroBatch:
 
 
 def advance(batch: ScheduledBatch, sampling: list[Sequence]) -> None:
-    """The batch is launched: its tokens count as computed, its sampled tokens as pending."""
+    """The batch is launched: its tokens count as computed, its sampled tokens as pending
+    (each in its row of the sampled tokens)."""
+    if sampling is batch.seqs:  # every sequence samples: one pass
+        for row, (seq, n) in enumerate(zip(sampling, batch.num_new_tokens, strict=True)):
+            seq.num_computed_tokens += n
+            seq.num_pending += 1
+            seq.pending_row = row
+        return
     for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
         seq.num_computed_tokens += n
-    for seq in sampling:
+    for row, seq in enumerate(sampling):
         seq.num_pending += 1
+        seq.pending_row = row
 
 
 def needs_history(seq: Sequence) -> bool:

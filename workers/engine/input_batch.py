@@ -9,8 +9,8 @@ computed for the whole batch at once from the rows, in NumPy.
     plan = batch.plan(scheduled)   # a StepPlan with int64 tensors, ready for every rank
 
 With overlapped steps a decode's input token may still be on the device (sampled by the
-step in flight): the plan then holds 0 there and lists (token row, sampled row) in `pending`,
-for the runner to fill on the device.
+step in flight, in the sequence's `pending_row`): the plan then holds 0 there and lists
+(token row, sampled row) in `pending`, for the runner to fill on the device.
 """
 from __future__ import annotations
 
@@ -76,14 +76,14 @@ class InputBatch:
         """The request finished: its row is free at once."""
         self.tables.release(request_id)
 
-    def plan(self, batch: ScheduledBatch, sampled_rows: dict[str, int] | None = None) -> StepPlan:
-        """Flatten the batch into the plan every rank runs; sampled_rows: the row of each
-        request's token in the step in flight."""
+    def plan(self, batch: ScheduledBatch) -> StepPlan:
+        """Flatten the batch into the plan every rank runs."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         rows, width = self.tables.rows_of(seqs)
         begins: list[int] = []
         token_ids: list[int] = []
         pending: list[tuple[int, int]] = []
+        in_place = True  # every pending token sits in the row it was sampled in
         sample_rows: list[int] = []
         prompt_rows: list[tuple[int, int, int]] = []  # (batch index, first row, count)
         start = 0
@@ -98,8 +98,9 @@ class InputBatch:
                 else:
                     token_ids += ids[begin:begin + n]
             else:  # its input is the token in flight
-                assert sampled_rows is not None, "a token in flight needs the step it is in"
-                pending.append((start, sampled_rows[seq.request_id]))
+                row = seq.pending_row
+                pending.append((start, row))
+                in_place = in_place and row == start
                 token_ids.append(0)
             if seq.wants_prompt_logprobs and begin < seq.num_prompt_tokens - 1:
                 # row j predicts position begin + j + 1
@@ -124,4 +125,5 @@ class InputBatch:
         id_arr = np.fromiter(token_ids, np.int64, len(token_ids))
         return StepPlan(torch.from_numpy(id_arr), torch.from_numpy(positions),
                         torch.from_numpy(slots), starts, ends.tolist(),
-                        torch.from_numpy(tables), sample_rows, prompt_rows, pending)
+                        torch.from_numpy(tables), sample_rows, prompt_rows, pending,
+                        in_place and bool(pending) and pending[-1][0] == len(pending) - 1)

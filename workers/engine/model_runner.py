@@ -163,10 +163,9 @@ class ModelRunner:
         dist.gather_object(self.weight_bytes, out, dst=0, group=self.ctx.cpu_group)
         return out or []
 
-    def prepare(self, batch: ScheduledBatch,
-                sampled_rows: dict[str, int] | None = None) -> StepPlan:
+    def prepare(self, batch: ScheduledBatch) -> StepPlan:
         """Flatten the batch into the plan every rank runs."""
-        return self.input_batch.plan(batch, sampled_rows)
+        return self.input_batch.plan(batch)
 
     def release(self, request_id: str) -> None:
         """The request is over: forget its step inputs."""
@@ -196,13 +195,12 @@ class ModelRunner:
         return ids, positions, meta
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, sampled: torch.Tensor | None = None,
-                sampled_rows: dict[str, int] | None = None) -> StepLogits:
+    def execute(self, batch: ScheduledBatch, sampled: torch.Tensor | None = None) -> StepLogits:
         """Run the batch; logits of the sequences that sample, and of prompt-logprob rows.
         `sampled` holds the previous step's tokens, still on the device, for the decodes
-        whose input they are (`sampled_rows`: request id -> row)."""
+        whose input they are (each at its `pending_row`)."""
         start = time.perf_counter()
-        plan = self.prepare(batch, sampled_rows)
+        plan = self.prepare(batch)
         self.last_prepare_time = time.perf_counter() - start
         if self.ctx.world_size == 1:
             return self._run_driver(plan, sampled)
@@ -259,13 +257,14 @@ class ModelRunner:
         on the driver of a pipeline without `receive`: `finish` receives them later)."""
         input_ids, positions, meta = self.inputs(plan)
         if plan.pending:  # inputs sampled by the previous step: copied device to device
-            # flat, then split: 2x np.array over the tuples, 7x torch.tensor
-            flat = np.fromiter(itertools.chain.from_iterable(plan.pending), np.int64,
-                               2 * len(plan.pending))
-            pairs = torch.from_numpy(flat).to(self.device, non_blocking=True)
-            rows, sources = pairs[0::2], pairs[1::2]
             assert sampled is not None, "a plan with pending inputs comes with their tokens"
-            input_ids[rows] = sampled[sources]
+            if plan.pending_in_place:  # steady decodes: 2 against 26 us at 256
+                input_ids[:len(plan.pending)] = sampled[:len(plan.pending)]
+            else:  # flat, then split: 2x np.array over the tuples, 7x torch.tensor
+                flat = np.fromiter(itertools.chain.from_iterable(plan.pending), np.int64,
+                                   2 * len(plan.pending))
+                pairs = torch.from_numpy(flat).to(self.device, non_blocking=True)
+                input_ids[pairs[0::2]] = sampled[pairs[1::2]]
         if self.graphs is not None and self.graphs.can_run(meta):
             return self._logits(self.graphs.run(input_ids, positions, meta), plan)
         # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would

@@ -14,9 +14,11 @@ import time
 from workers.engine.errors import EngineDeadError
 from workers.engine.in_flight import Engine, InFlight, advance, needs_history
 from workers.engine.scheduler import ScheduledBatch
+from workers.engine.sequence import SequenceStatus
 from workers.engine.step_outputs import StepOutputs
 
 log = logging.getLogger("pagoda.engine")
+FINISHED = SequenceStatus.FINISHED
 
 
 class OverlappedSteps:
@@ -53,7 +55,7 @@ class OverlappedSteps:
                 engine.faults.check([s.request_id for s in batch.seqs])
             forward_start = time.perf_counter()
             tokens = prev.sampled.token_ids if prev and prev.sampled else None
-            logits = engine.runner.execute(batch, tokens, prev.rows if prev else None)
+            logits = engine.runner.execute(batch, tokens)
             engine.last_step_time += (time.perf_counter() - forward_start
                                       - engine.runner.last_prepare_time)
             sampling = logits.sampling_seqs(batch)
@@ -91,5 +93,5 @@ class OverlappedSteps:
         for seq, token, logprob in zip(step.sampling, sampled.token_ids, sampled.logprobs,
                                        strict=True):
             seq.num_pending -= 1
-            if not seq.finished:
+            if seq.status is not FINISHED:  # not the property: read 256 times a step
                 append(seq, token, logprob, outputs)

@@ -70,9 +70,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, max_seqs: int | None = None) -> ScheduledBatch:
-        """The next step's batch, decodes first and shortest context first (attention backends
-        batch them in slices); `max_seqs`: at most this many sequences (a pipeline's
-        micro-batch)."""
+        """The next step's batch, decodes first and longest context first (attention backends
+        batch them in slices; running sequences, oldest first, are mostly in that order
+        already); `max_seqs`: at most this many sequences (a pipeline's micro-batch)."""
         batch = ScheduledBatch()
         keys: list[int] = []  # each sequence's place in that order
         limit = max_seqs or self.max_num_seqs
@@ -95,7 +95,7 @@ class Scheduler:
                 break  # seq itself was preempted: it was the last one running
             seqs.append(seq)
             counts.append(n)
-            keys.append(computed if n == 1 else PREFILL_KEY + computed)
+            keys.append(-computed if n == 1 else PREFILL_KEY + computed)
             budget -= n
         preempted = self.num_preemptions > preemptions
         # Admit waiting sequences only when nothing had to be preempted this step.
@@ -118,7 +118,7 @@ class Scheduler:
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)
-            keys.append(num_cached if n == 1 else PREFILL_KEY + num_cached)
+            keys.append(-num_cached if n == 1 else PREFILL_KEY + num_cached)
             budget -= n
         batch.sort(keys)
         return batch

@@ -25,6 +25,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_pending: int = 0  # sampled on the device, not yet in token_ids (overlapped steps)
+    pending_row: int = 0  # the row that token was sampled in, in the step in flight
     block_table: list[int] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks already in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule

@@ -39,6 +39,7 @@ class StepPlan:
     # (token row, row of the tokens in flight): inputs the previous step sampled, still on the
     # device; on other ranks the rows of the tokens the driver broadcasts after the plan
     pending: list[tuple[int, int]] = field(default_factory=list)
+    pending_in_place: bool = False  # pending is [(i, i) for i < len(pending)]: a plain copy
 
     @property
     def num_tokens(self) -> int:
