@@ -83,10 +83,13 @@ class Scheduler:
         for seq in self.running:  # preemptions pop from its end: the loop stops before them
             if budget <= 0 or len(seqs) >= limit:
                 break
-            if seq.num_pending and (self.pipelined or seq.reaches_limit):
-                continue  # its token is in a pipeline, or ends it when it reaches the host
+            pending = seq.num_pending
+            # its token is in a pipeline, or ends it (token_limit) when it reaches the host
+            if pending and (self.pipelined or
+                            len(seq.token_ids) + pending >= seq.token_limit):
+                continue
             computed = seq.num_computed_tokens
-            n = len(seq.token_ids) + seq.num_pending - computed  # num_scheduled_tokens, inline
+            n = len(seq.token_ids) + pending - computed  # num_scheduled_tokens, inline
             if n > budget:
                 n = budget
             # most decodes fit in the blocks they hold: checked here, without the calls

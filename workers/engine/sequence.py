@@ -82,12 +82,6 @@ class Sequence:
         return len(self.token_ids) + self.num_pending
 
     @property
-    def reaches_limit(self) -> bool:
-        """Its pending tokens end it by length (max_tokens or the context): nothing more to
-        compute."""
-        return len(self.token_ids) + self.num_pending >= self.token_limit
-
-    @property
     def finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
