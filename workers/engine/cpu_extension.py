@@ -26,13 +26,18 @@ log = logging.getLogger("pagoda.engine")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"]
 
 
+def source_files(source: str) -> list[str]:
+    """The source and the headers beside it: what a build compiles."""
+    folder = os.path.dirname(os.path.abspath(source))
+    return [source] + sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                             if n.endswith(".h"))
+
+
 def build_directory(name: str, source: str, extra_flags: list[str] | None = None) -> str:
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
         flags = next((line for line in f if line.startswith("flags")), "")
-    folder = os.path.dirname(os.path.abspath(source))
     code = b""
-    for path in [source] + sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                                  if n.endswith(".h")):
+    for path in source_files(source):
         with open(path, "rb") as f:
             code += f.read()
     build = f"{flags}{torch.__version__}{sys.version}{extra_flags or ''}"
@@ -66,11 +71,9 @@ def build(name: str, source: str, extra_flags: list[str] | None = None) -> Modul
 
 def _copy_sources(source: str, directory: str) -> str:
     """Copies the source and its headers into the build folder, once; returns the copy's path."""
-    folder = os.path.dirname(os.path.abspath(source))
     copies = os.path.join(directory, "src")
     os.makedirs(copies, exist_ok=True)
-    headers = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".h")]
-    for path in [source] + headers:
+    for path in source_files(source):
         copy = os.path.join(copies, os.path.basename(path))
         if not os.path.exists(copy):  # same folder, same content: rewriting would only bump mtime
             with open(path, "rb") as f, open(copy + ".tmp", "wb") as out:
