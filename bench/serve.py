@@ -18,7 +18,6 @@ import asyncio
 import copy
 import math
 import os
-import socket
 import sys
 import time
 
@@ -30,6 +29,7 @@ sys.path.insert(0, ROOT)
 from bench.load_runs import RunStats, converse, run_offline, run_served
 from bench.results import markdown_table, update_section
 from bench.workloads import conversations, sharegpt_like
+from workers.engine.worker import free_port
 
 APP = "pagoda"
 
@@ -79,9 +79,7 @@ class Service:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self.base_url = f"http://127.0.0.1:{self.port}"
 

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from bench.results import markdown_table, update_section
 from bench.serve import Service, app_args, fmt, openai_client
 from bench.workloads import words
 from tools.prepare_model import gguf_path
+from workers.engine.worker import free_port
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,12 +54,6 @@ def parse_args() -> argparse.Namespace:
                         help="sample with llama.cpp's defaults (sent to both) instead of greedy")
     parser.add_argument("--no-write", action="store_true")
     return parser.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_llama_server(binary: str, gguf: str, slots: int) -> tuple[subprocess.Popen, str]:

@@ -290,3 +290,16 @@ def test_overlapped_steps_split_over_ranks_generate_what_plain_steps_on_one_rank
     assert stats[1]["num_preemptions"] > 0 and stats[1]["prefix_cache_hits"] > 0
     assert outputs[2] == outputs[1]
     assert all(len(tokens) == 40 for tokens in outputs[1])
+
+
+def test_rendezvous_port_is_free_and_below_the_ephemeral_range():
+    import socket
+
+    from workers.engine.worker import PORT_FLOOR, ephemeral_port_floor, tcp_init_method
+
+    port = int(tcp_init_method().rsplit(":", 1)[1])
+    if ephemeral_port_floor() > PORT_FLOOR:
+        # a process binding port 0 or connecting out can never be handed this port
+        assert PORT_FLOOR <= port < ephemeral_port_floor()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
 APP_NAME = "pagoda"
 START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -104,18 +97,19 @@ def launch_serve_app(config: dict, tmp: Path) -> Iterator[ServeApp]:
     """Starts a local Ray cluster and `serve run` of config on a free loopback port."""
     import ray
 
-    port = free_port()
-    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1",
-                              "port": port}
-    config_path = tmp / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log_path = tmp / "serve.log"
+    from workers.engine.worker import free_port
 
     saved_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved_path]))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     process = None
     try:
+        port = free_port()
+        config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1",
+                                  "port": port}
+        config_path = tmp / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        log_path = tmp / "serve.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "serve"), "run", "--address",

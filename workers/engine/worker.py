@@ -8,6 +8,7 @@ through the same small interface: `init_method`, `alive()`, `stop()`.
 from __future__ import annotations
 
 import multiprocessing
+import random
 import socket
 from typing import Protocol
 
@@ -22,10 +23,37 @@ class Workers(Protocol):
     def stop(self) -> None: ...
 
 
-def tcp_init_method(host: str = "127.0.0.1") -> str:
+# Ray's worker processes listen on 10002-19999 by default; pick ports above them.
+PORT_FLOOR = 20000
+
+
+def ephemeral_port_floor() -> int:
+    """The lowest port the kernel hands out for port 0 binds and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, below the ephemeral range: a port 0 pick could be taken by
+    any process binding port 0 or connecting out (Ray starts many) before its user binds it."""
+    candidates = range(PORT_FLOOR, ephemeral_port_floor())
+    for port in random.sample(candidates, min(64, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
-        return f"tcp://{host}:{s.getsockname()[1]}"
+        return s.getsockname()[1]
+
+
+def tcp_init_method(host: str = "127.0.0.1") -> str:
+    return f"tcp://{host}:{free_port(host)}"
 
 
 def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
