@@ -40,7 +40,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on, below the ephemeral range: a port 0 pick could be taken by
     any process binding port 0 or connecting out (Ray starts many) before its user binds it."""
     candidates = range(PORT_FLOOR, ephemeral_port_floor())
-    for port in random.sample(candidates, min(64, len(candidates))):
+    # not the module's generator: a test or benchmark that seeds it would pick the same ports
+    for port in random.SystemRandom().sample(candidates, min(64, len(candidates))):
         with socket.socket() as s:
             try:
                 s.bind((host, port))
