@@ -147,6 +147,31 @@ async def run_served(client: openai.AsyncOpenAI, model: str, requests: list[Benc
     return RunStats(samples, time.perf_counter() - start)
 
 
+async def run_replica(handle, requests: list[BenchRequest], concurrency: int,
+                      tag: str) -> RunStats:
+    """`concurrency` callers sending the requests back to back straight to the model replica
+    through a Serve handle: the replica's Ray side without the HTTP proxy and the ingress."""
+    queue = deque(enumerate(requests))
+    samples: list[Sample] = []
+
+    async def worker() -> None:
+        while queue:
+            i, request = queue.popleft()
+            tracker = Tracker(time.perf_counter())
+            last = None
+            async for last in handle.generate.remote(
+                    request.prompt_token_ids, greedy(request.max_tokens), f"{tag}-{i}"):
+                if last.token_ids:
+                    tracker.tokens_at(time.perf_counter())
+            assert last is not None and last.finished, "a replica stream ends with its finish"
+            samples.append(tracker.sample(time.perf_counter(), last.completion_tokens,
+                                          last.prompt_tokens, last.cached_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return RunStats(samples, time.perf_counter() - start)
+
+
 async def converse(client: openai.AsyncOpenAI, model: str, conversation: Conversation,
                    max_tokens: int, think_s: float = 0.0) -> list[Sample]:
     """The conversation's turns in order, each repeating the whole history so far.

@@ -4,7 +4,9 @@
    admitting a request whenever one finishes.
 2. Served: the same requests through `serve.run` of deploy/config.yaml's app with one replica
    and the same engine config, streamed by `openai.AsyncOpenAI` clients over loopback HTTP.
-   served / offline output throughput is the cost of Ray Serve + HTTP + SSE.
+   served / offline output throughput is the cost of Ray Serve + HTTP + SSE. The same requests
+   through a Serve handle, straight to a fresh replica, split it into the replica's share
+   and the HTTP path's (proxy, ingress).
 3. Routing: two replicas, multi-turn conversations with long per-conversation system prompts,
    once with prefix-affinity routing and once with power of two; prefix-cache hits and TTFT.
 
@@ -26,7 +28,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.load_runs import RunStats, converse, run_offline, run_served
+from bench.load_runs import RunStats, converse, run_offline, run_replica, run_served
 from bench.results import markdown_table, update_section
 from bench.workloads import conversations, sharegpt_like
 from workers.engine.worker import free_port
@@ -124,8 +126,10 @@ def fmt(value: float, digits: int = 0) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"  # nan: no samples
 
 
-def sweep(args: argparse.Namespace, tokenizer) -> tuple[str, dict[int, tuple[RunStats,
-                                                                             RunStats]]]:
+Levels = dict[int, tuple[RunStats, ...]]  # concurrency: (served, offline, via handle)
+
+
+def sweep(args: argparse.Namespace, tokenizer) -> tuple[str, Levels]:
     from workers.engine.llm_engine import LLMEngine
 
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -143,14 +147,19 @@ def sweep(args: argparse.Namespace, tokenizer) -> tuple[str, dict[int, tuple[Run
     del engine
 
     service = Service()
-    results = {}
+    results: Levels = {}
     try:
         service.deploy(served_args, replicas=1)
         serve_requests(service.base_url, model, sharegpt_like(tokenizer, 4, 8, seed=999), 4)
         for c in levels:
-            results[c] = (serve_requests(service.base_url, model, requests[c], c), offline[c])
-            print(f"served c={c}: {results[c][0].token_rate:.1f} tok/s, "
-                  f"{results[c][0].errors} errors", flush=True)
+            served = serve_requests(service.base_url, model, requests[c], c)
+            print(f"served c={c}: {served.token_rate:.1f} tok/s, {served.errors} errors",
+                  flush=True)
+            results[c] = (served, offline[c])
+        service.deploy(served_args, replicas=1)  # a fresh replica: no prefix cached
+        for c in levels:
+            results[c] += (replica_requests(requests[c], c),)
+            print(f"replica via handle c={c}: {results[c][2].token_rate:.1f} tok/s", flush=True)
         routing = "" if args.skip_routing else compare_routing(args, service, model)
     finally:
         service.stop()
@@ -170,6 +179,13 @@ def serve_requests(base_url: str, model: str, requests, concurrency: int) -> Run
             return await run_served(client, model, requests, concurrency)
 
     return asyncio.run(run())
+
+
+def replica_requests(requests, concurrency: int) -> RunStats:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelReplica", app_name=APP).options(stream=True)
+    return asyncio.run(run_replica(handle, requests, concurrency, f"c{concurrency}"))
 
 
 def serve_conversations(base_url: str, model: str, chats, turn_tokens: int,
@@ -222,22 +238,24 @@ def compare_routing(args: argparse.Namespace, service: Service, model: str) -> s
             "replica frees a slot, so the shorter queue tends to be that replica's.\n")
 
 
-def serving_section(args, results: dict[int, tuple[RunStats, RunStats]]) -> str:
+def serving_section(args, results: Levels) -> str:
     rows = []
-    for c, (served, offline) in results.items():
+    for c, (served, offline, replica) in results.items():
         rows.append([c, len(served.samples), served.errors, f"{served.request_rate:.2f}",
                      f"{served.token_rate:.1f}", f"{offline.token_rate:.1f}",
                      f"{served.token_rate / offline.token_rate:.0%}",
+                     f"{replica.token_rate / offline.token_rate:.0%}",
                      fmt(served.ttft_ms(50)), fmt(served.ttft_ms(99)),
                      fmt(offline.ttft_ms(50)), fmt(served.tpot_ms(50)),
                      fmt(offline.tpot_ms(50)), fmt(served.itl_ms(50)), fmt(served.itl_ms(99))])
     table = markdown_table(
         ["concurrency", "requests", "errors", "req/s", "output tok/s", "offline tok/s",
-         "served / offline", "TTFT p50 (ms)", "TTFT p99 (ms)", "offline TTFT p50 (ms)",
-         "TPOT p50 (ms)", "offline TPOT p50 (ms)", "ITL p50 (ms)", "ITL p99 (ms)"], rows)
+         "served / offline", "replica via handle / offline", "TTFT p50 (ms)",
+         "TTFT p99 (ms)", "offline TTFT p50 (ms)", "TPOT p50 (ms)", "offline TPOT p50 (ms)",
+         "ITL p50 (ms)", "ITL p99 (ms)"], rows)
     target = ""
     if 32 in results:
-        served, offline = results[32]
+        served, offline, _ = results[32]
         target = (f"Served throughput at concurrency 32 is "
                   f"{served.token_rate / offline.token_rate:.0%} of offline (target: 85%). ")
     from app.serve_args import PagodaArgs
@@ -252,8 +270,10 @@ def serving_section(args, results: dict[int, tuple[RunStats, RunStats]]) -> str:
             "(log-normal), EOS ignored, greedy; closed loop (each client sends its next "
             "request when the last ends). Served: `openai.AsyncOpenAI` streaming "
             "/v1/completions with token-id prompts over loopback HTTP, Ray Serve proxy, "
-            "ingress and replica on the same cores as the clients. TPOT: (e2e - TTFT) / "
-            "(tokens - 1); ITL: gaps between streamed chunks.\n")
+            "ingress and replica on the same cores as the clients. Replica via handle: the "
+            "same requests from this process straight to a fresh model replica through a "
+            "Serve handle (no proxy, ingress or HTTP). TPOT: (e2e - TTFT) / (tokens - 1); "
+            "ITL: gaps between streamed chunks.\n")
 
 
 def main() -> None:
