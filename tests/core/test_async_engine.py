@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
 from workers.engine.async_engine import AsyncLLMEngine
 from workers.engine.config import EngineConfig
 from workers.engine.errors import ContextLengthError, QueueFullError
-from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -173,33 +171,3 @@ async def test_outputs_reach_the_loop_once_per_step_and_are_built_there(engine, 
     assert len({tuple(t for o in r for t in o.token_ids) for r in results}) == 1  # greedy
     assert builders == {threading.current_thread().name}  # the loop's, not the engine's
     assert handoffs <= steps < 6 * 8  # one hand-off per step, not one per output
-
-
-def test_the_engine_is_built_on_the_thread_that_steps_it(model_dir, monkeypatch):
-    # every thread running parallel ops starts OpenMP workers of its own: a builder thread and
-    # a stepping thread would double them, and libgomp then stops spinning them between ops
-    built_on = []
-    build = LLMEngine.__init__
-
-    def record(self, *args, **kwargs):
-        built_on.append(threading.current_thread())
-        build(self, *args, **kwargs)
-
-    monkeypatch.setattr(LLMEngine, "__init__", record)
-    eng = AsyncLLMEngine(EngineConfig(model=model_dir, max_model_len=128, num_kv_blocks=16))
-    try:
-        assert built_on == [eng._thread]
-        ids = eng.tokenizer.encode("Hi")
-
-        async def one() -> list:
-            return await collect(eng, ids, SamplingParams(temperature=0, max_tokens=3), "t")
-        assert asyncio.run(one())[-1].finish_reason == "length"
-    finally:
-        asyncio.run(eng.shutdown(drain=False))
-
-
-def test_an_engine_that_cannot_be_built_raises_to_its_caller(tmp_path):
-    before = set(threading.enumerate())
-    with pytest.raises(FileNotFoundError):
-        AsyncLLMEngine(EngineConfig(model=str(tmp_path)))
-    assert set(threading.enumerate()) == before  # no engine thread left behind

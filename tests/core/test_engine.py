@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 from workers.engine.config import EngineConfig
 from workers.engine.errors import ContextLengthError, InvalidRequestError
 from workers.engine.llm import LLM
-from workers.engine.model_runner import prepare_step_thread
 from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -265,7 +264,7 @@ def test_a_step_thread_flushes_denormals_in_its_parallel_ops(llm):
     def halve(prepare: bool, out: list) -> None:
         torch.set_flush_denormal(False)  # threads inherit the setting of the one starting them
         if prepare:
-            prepare_step_thread(llm.engine.runner.device)
+            llm.engine.runner.prepare_thread()
         out.append(values * 0.5)
 
     results: dict[bool, torch.Tensor] = {}

@@ -18,7 +18,6 @@ from collections.abc import AsyncGenerator, Sequence
 from workers.engine.config import EngineConfig
 from workers.engine.errors import EngineDeadError, QueueFullError
 from workers.engine.llm_engine import LLMEngine
-from workers.engine.model_runner import prepare_step_thread, resolve_device
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 
@@ -39,20 +38,7 @@ class _Stream:
 
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, **engine_kwargs) -> None:
-        # Built on the thread that steps it: libgomp gives every thread that starts parallel
-        # regions its own worker team, and with more OpenMP threads than cores it stops
-        # spinning workers between regions, so each op of a step waits for a woken worker
-        # (a CPU decode step 35% slower, its matmuls 1.5x).
-        built: queue.SimpleQueue[LLMEngine | BaseException] = queue.SimpleQueue()
-        self._ready = threading.Event()  # the rest of this front is set up
-        self._thread = threading.Thread(target=self._loop, args=(config, engine_kwargs, built),
-                                        name="pagoda-engine", daemon=True)
-        self._thread.start()
-        engine = built.get()
-        if isinstance(engine, BaseException):
-            self._thread.join()
-            raise engine
-        self.engine = engine
+        self.engine = LLMEngine(config, **engine_kwargs)
         self.config = config
         self.tokenizer = self.engine.tokenizer
         self.max_choices: int | None = config.max_choices
@@ -65,7 +51,8 @@ class AsyncLLMEngine:
         self._stats = self.engine.stats()
         self._stats_time = time.monotonic()
         self.step_count = 0
-        self._ready.set()
+        self._thread = threading.Thread(target=self._loop, name="pagoda-engine", daemon=True)
+        self._thread.start()
 
     # ---- caller side (event loop) ----
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -130,17 +117,9 @@ class AsyncLLMEngine:
         self._wakeup.set()
 
     # ---- engine thread ----
-    def _loop(self, config: EngineConfig, engine_kwargs: dict,
-              built: queue.SimpleQueue) -> None:
+    def _loop(self) -> None:
         try:
-            prepare_step_thread(resolve_device(config.device))
-            engine = LLMEngine(config, **engine_kwargs)
-        except BaseException as e:  # noqa: BLE001 - the constructor's caller raises it
-            built.put(e)
-            return
-        built.put(engine)
-        self._ready.wait()
-        try:
+            self.engine.runner.prepare_thread()
             while not self._stopping:
                 self._apply_commands()
                 if not self.engine.has_unfinished():

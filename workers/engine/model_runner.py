@@ -129,6 +129,9 @@ class ModelRunner:
             self.device, enabled=graphs)
         self.graphs.capture()
 
+    def prepare_thread(self) -> None:
+        prepare_step_thread(self.device)
+
     @property
     def kv_bytes_per_token(self) -> int:
         """On the rank with the most KV: every rank sizes its cache for the same block count."""
