@@ -40,39 +40,46 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
     shapes = ["tiny"] if dry else ["llama-1b", "llama-8b"]
     engine = ["--no-hf", "--no-results"]
     engine += ["--requests", "4", "--max-tokens", "8", "--dtypes", "float32"] if dry else []
-    plan = [Stage("info", [py, "-c", "import torch, triton; print('torch', torch.__version__, "
-                           "'triton', triton.__version__, 'cuda', torch.cuda.is_available(), "
-                           "torch.cuda.get_device_name(0) if torch.cuda.is_available() else "
-                           "'cpu')"], 30)]
+    info = Stage("info", [py, "-c", "import torch, triton; print('torch', torch.__version__, "
+                          "'triton', triton.__version__, 'cuda', torch.cuda.is_available(), "
+                          "torch.cuda.get_device_name(0) if torch.cuda.is_available() else "
+                          "'cpu')"], 30)
+    runs: list[list[Stage]] = []
     for shape in shapes:
         model = os.path.join(work, shape)
         tag = shape.removeprefix("llama-")
-        plan.append(Stage(f"random_{tag}", [py, "bench/random_model.py", "--shape", shape,
-                                            "--tokenizer", args.tokenizer, "--out", model], 150))
+        # a model written by an earlier call on the same machine is kept
+        write = ["true"] if os.path.exists(os.path.join(model, "config.json")) else \
+            [py, "bench/random_model.py", "--shape", shape, "--tokenizer", args.tokenizer,
+             "--out", model]
+        runs.append([Stage(f"random_{tag}", write, 150)])
         # one process each: a failure loses one table; "sync" runs without overlapped
         # scheduling, on the host-bound 1B only (the budget has no room for the 8B twice)
         variants = [("none", "auto"), ("none", "off"), ("fp8", "auto")]
         for quantization, overlap in variants if tag != "8b" else variants[::2]:
             name = f"engine_{tag}_{quantization}" + ("_sync" if overlap == "off" else "")
-            plan.append(Stage(name, [py, "bench/engine.py", "--model", model, *engine,
-                                     "--quantization", quantization, "--async-scheduling",
-                                     overlap, "--json", os.path.join(out, f"{name}.json")],
-                              200 if tag == "8b" else 120))
+            runs[-1].append(Stage(name, [py, "bench/engine.py", "--model", model, *engine,
+                                         "--quantization", quantization, "--async-scheduling",
+                                         overlap, "--json", os.path.join(out, f"{name}.json")],
+                                  200 if tag == "8b" else 120))
     tokens = "2" if dry else "32"
-    plan.append(Stage("triton_bf16", [py, "bench/triton_greedy.py", "--model", smollm2,
-                                      "--dtype", "bfloat16", "--max-tokens", tokens, "--json",
-                                      os.path.join(out, "triton.json")], 120, True))
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
     collect = ["--collect-only"] if dry else []
-    plan += [Stage("fp8_accuracy", pytest + ["-s", "tests/core/test_fp8_accuracy.py", *collect],
-                   150, True),
-             Stage("kernel_tests", pytest + (["tests/kernel/test_cuda_graph.py"] if dry
-                                             else ["tests/kernel"]), 200),
-             Stage("core_tests", pytest + ["tests/core/test_fp8.py",
-                                           "tests/core/test_kv_memory.py",
-                                           "tests/core/test_async_scheduling.py",
-                                           "tests/core/test_input_staging.py"], 150, True)]
-    return plan
+    kernel_tests = Stage("kernel_tests", pytest + (["tests/kernel/test_cuda_graph.py"] if dry
+                                                   else ["tests/kernel"]), 200)
+    # first what needs no SmolLM2 (a lease's first call carries only half of it): the first
+    # engine table and the kernel tests; then the rest of the tables before the other tests
+    first, *rest = [stage for run in runs for stage in run]
+    return [info, first, rest[0], kernel_tests, *rest[1:],
+            Stage("fp8_accuracy", pytest + ["-s", "tests/core/test_fp8_accuracy.py", *collect],
+                  150, True),
+            Stage("core_tests", pytest + ["tests/core/test_fp8.py", "tests/core/test_kv_memory.py",
+                                          "tests/core/test_async_scheduling.py",
+                                          "tests/core/test_input_staging.py", *collect],
+                  150, True),
+            Stage("triton_bf16", [py, "bench/triton_greedy.py", "--model", smollm2, "--dtype",
+                                  "bfloat16", "--max-tokens", tokens, "--json",
+                                  os.path.join(out, "triton.json")], 120, True)]
 
 
 def prepare_smollm2(args, work: str) -> str | None:
@@ -87,15 +94,21 @@ def prepare_smollm2(args, work: str) -> str | None:
         for part in parts:
             with open(part, "rb") as p:
                 f.write(p.read())
-    wheels = glob.glob(os.path.join(args.wheels, "*.whl"))
-    if wheels:  # the GGUF reader transformers needs; no registry is reachable there
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--target", os.path.join(work, "site"), *wheels], check=True)
-        os.environ["PYTHONPATH"] += os.pathsep + os.path.join(work, "site")
     folder = os.path.join(work, "smollm2")
     subprocess.run([sys.executable, "tools/prepare_model.py", "--gguf", gguf, "--out", folder],
                    check=True, cwd=ROOT, env=os.environ)
     return folder
+
+
+def install_wheels(pattern: str, work: str) -> None:
+    """Installs the carried wheels (what the GPU image lacks; no registry is reachable there)."""
+    wheels = {os.path.basename(w): w for w in sorted(glob.glob(pattern))}
+    if not wheels:
+        return
+    site = os.path.join(work, "site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--upgrade", "--target", site, *wheels.values()], check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, site])
 
 
 def run_stage(stage: Stage, seconds: float, log) -> tuple[str, float, str]:
@@ -121,28 +134,39 @@ def main() -> None:
     parser.add_argument("--smollm2", default="models/smollm2-135m-instruct")
     parser.add_argument("--tokenizer", default="models/smollm2-135m-instruct")
     parser.add_argument("--gguf-parts", default="/root/pagoda-gpu")
-    parser.add_argument("--wheels", default=".gpu/part2")
+    parser.add_argument("--wheels", default=".gpu/part*/*.whl", help="a glob")
+    parser.add_argument("--only", default="", help="comma-separated stage names to run")
+    parser.add_argument("--skip", default="", help="comma-separated stage names to leave out")
     parser.add_argument("--work", default="/tmp/pagoda-gpu-work", help="models go here")
     args = parser.parse_args()
     out = os.environ.get("OUT") or sys.exit("set OUT to the folder for the results")
     os.makedirs(out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     os.environ["PYTHONPATH"] = ROOT
+    if not args.dry_run:
+        install_wheels(args.wheels, args.work)
     os.environ["PYTHONUNBUFFERED"] = "1"
     if args.dry_run:  # Triton kernels run in its interpreter where there is no GPU
         os.environ.setdefault("TRITON_INTERPRET", "1")
     deadline = time.perf_counter() + args.budget_s
     summary = ["# GPU check", "", f"dry run: {args.dry_run}", ""]
+    only, skip = set(filter(None, args.only.split(","))), set(args.skip.split(","))
+
+    def chosen(smollm2: str) -> list[Stage]:
+        return [stage for stage in stages(args, args.work, out, smollm2)
+                if (not only or stage.name in only) and stage.name not in skip]
+
     with open(os.path.join(out, "logs.txt"), "w") as log:
+        smollm2 = None
         try:
-            smollm2 = prepare_smollm2(args, args.work)
+            if any(stage.needs_smollm2 for stage in chosen(args.smollm2)):
+                smollm2 = prepare_smollm2(args, args.work)
         except subprocess.CalledProcessError as e:
-            smollm2 = None
             log.write(f"SmolLM2 could not be prepared: {e}\n")
         summary.append(f"SmolLM2: {smollm2 or 'missing: its stages are skipped'}\n")
         if smollm2:
             os.environ["PAGODA_MODEL"] = smollm2
-        for stage in stages(args, args.work, out, smollm2 or args.smollm2):
+        for stage in chosen(smollm2 or args.smollm2):
             left = deadline - time.perf_counter()
             if stage.needs_smollm2 and not smollm2:
                 status, took, output = "skipped: no SmolLM2", 0.0, ""

@@ -72,11 +72,11 @@ class StepRecorder:
     def attach(self, runner) -> None:
         execute = runner.execute
 
-        def recorded(batch):
+        def recorded(batch, *args):  # overlapped steps also pass the tokens in flight
             self.steps.append([(n, s.num_computed_tokens, s.num_computed_tokens + n
                                 == s.num_tokens) for s, n in zip(batch.seqs,
                                                                 batch.num_new_tokens)])
-            return execute(batch)
+            return execute(batch, *args)
 
         runner.execute = recorded
 

@@ -7,8 +7,13 @@ one step behind. Each case runs the same requests both ways, in float32, greedy.
 """
 from __future__ import annotations
 
+import gc
+import logging
+import weakref
+
 import pytest
 
+from bench.roofline import StepRecorder
 from workers.engine.config import EngineConfig
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
@@ -27,6 +32,7 @@ PROMPTS = {
 
 
 def engine(model_dir: str, overlap: bool, **kwargs) -> LLMEngine:
+    kwargs.setdefault("num_kv_blocks", 256)  # on a GPU the default takes most free memory
     config = EngineConfig(model=model_dir, dtype="float32", max_model_len=512,
                           async_scheduling=overlap, **kwargs)
     return LLMEngine(config)
@@ -123,3 +129,29 @@ def test_defaults_and_limits(model_dir):
     assert not EngineConfig(model=model_dir, pipeline_parallel_size=2).overlap_steps("cuda")
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(model=model_dir, async_scheduling=True, pipeline_parallel_size=2)
+
+
+def test_a_dropped_overlapped_engine_is_freed_at_once(model_dir):
+    """No reference cycle: the next engine on a GPU sizes its KV cache from free memory."""
+    eng = engine(model_dir, True)
+    freed = weakref.ref(eng)
+    gc.disable()
+    try:
+        del eng
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
+def test_the_benchmark_records_overlapped_steps_without_falling_back(model_dir, caplog):
+    eng = engine(model_dir, True)
+    recorder = StepRecorder()
+    recorder.attach(eng.runner)
+    requests = {k: SamplingParams(temperature=0, max_tokens=6) for k in ("a", "c")}
+    with caplog.at_level(logging.WARNING, logger="pagoda.engine"):
+        results = drive(eng, requests)
+    assert not caplog.records
+    assert all(len(results[rid]["tokens"]) == 6 for rid in requests)
+    # a prefill step, then one step per further token (the last one's token is dropped)
+    assert len(recorder.steps) >= 6
+    assert all(n == 1 for rows in recorder.steps[1:] for n, _, _ in rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -71,9 +72,12 @@ class LLMEngine:
         self.failed: list[tuple[str, Exception]] = []  # (request id, error) of the last step
         self.last_step_time = 0.0  # seconds in the last model forward
         self.last_schedule_time = 0.0  # seconds outside it: scheduling, batching, sampling, outputs
-        self.overlapped = OverlappedSteps(self) \
+        # a weak reference back: a dropped engine frees its device memory at once, not at the
+        # next garbage collection (the next engine sizes its KV cache from what is free)
+        me = weakref.proxy(self)
+        self.overlapped = OverlappedSteps(me) \
             if config.overlap_steps(self.runner.device.type) else None
-        self.pipeline = Pipeline(self, micro_batches) if micro_batches > 1 else None
+        self.pipeline = Pipeline(me, micro_batches) if micro_batches > 1 else None
 
     @property
     def async_scheduling(self) -> bool:
