@@ -65,8 +65,10 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
     tokens = "2" if dry else "32"
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
     collect = ["--collect-only"] if dry else []
+    on_smollm2 = "tests/kernel/test_engine_triton.py"  # runs with the core tests
     kernel_tests = Stage("kernel_tests", pytest + (["tests/kernel/test_cuda_graph.py"] if dry
-                                                   else ["tests/kernel"]), 200)
+                                                   else ["tests/kernel", "--ignore", on_smollm2]),
+                         200)
     # first what needs no SmolLM2 (a lease's first call carries only half of it): the first
     # engine table and the kernel tests; then the rest of the tables before the other tests
     first, *rest = [stage for run in runs for stage in run]
@@ -75,7 +77,8 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
                   150, True),
             Stage("core_tests", pytest + ["tests/core/test_fp8.py", "tests/core/test_kv_memory.py",
                                           "tests/core/test_async_scheduling.py",
-                                          "tests/core/test_input_staging.py", *collect],
+                                          "tests/core/test_input_staging.py", on_smollm2,
+                                          *collect],
                   150, True),
             Stage("triton_bf16", [py, "bench/triton_greedy.py", "--model", smollm2, "--dtype",
                                   "bfloat16", "--max-tokens", tokens, "--json",
