@@ -34,6 +34,9 @@ def convert(out_dir: str, src: str | None = None) -> None:
     folder, name = os.path.dirname(src), os.path.basename(src)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    eos = model.config.eos_token_id  # some transformers versions take <|im_start|> from the GGUF
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
