@@ -51,7 +51,12 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
     llm = LLM(EngineConfig(model=model, device=device, max_num_seqs=len(prompts), dtype=dtype,
                            max_num_batched_tokens=4096, max_model_len=2048,
                            quantization=quantization, async_scheduling=async_scheduling))
-    llm.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm-up
+    # warm-up: the same prompt lengths in random tokens (no prefix-cache hits later), so every
+    # kernel variant the run needs is compiled before it is timed
+    rng = random.Random(1)
+    vocab = llm.engine.vocab_size
+    llm.generate([[rng.randrange(vocab) for _ in p] for p in prompts],
+                 SamplingParams(max_tokens=8, ignore_eos=True))
     engine = llm.engine
     runner = engine.runner
     fp8 = quantization == "fp8"
@@ -71,6 +76,7 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
         forward += engine.last_step_time
         other += engine.last_schedule_time
     elapsed = time.perf_counter() - start
+    busy = recorder.device_seconds()
     linear_itemsize = 1 if fp8 and device != "cpu" else None  # CPU multiplies dequantized
     roofline = roofline_seconds(recorder.steps, runner.model_config, runner.dtype.itemsize,
                                 peak, bandwidth, linear_itemsize)
@@ -79,6 +85,7 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
               "roofline_s": roofline, "peak": peak, "bandwidth": bandwidth,
               "backend": runner.backend.name, "quantization": quantization or "none",
               "outside_forward": other / (forward + other),
+              "device_idle": None if busy is None else 1 - busy / elapsed,
               "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
               "num_kv_blocks": runner.num_blocks, "steps": len(recorder.steps),
               "decode_steps": decode_steps,
@@ -172,18 +179,20 @@ def main() -> None:
         rows.append([f"Pagoda engine ({r['backend']} attention)", d, q, args.requests,
                      f"{r['tok_s']:.1f}", f"{r['roofline_tok_s']:.0f}",
                      f"{r['of_roofline']:.0%}", f"{r['outside_forward']:.1%}",
+                     "" if r["device_idle"] is None else f"{r['device_idle']:.1%}",
                      r["preemptions"], f"{r['graph_steps']}/{r['decode_steps']}",
                      f"{r['tok_s'] / sequential[user_dtype]['tok_s']:.1f}x" if sequential else "",
                      f"{r['tok_s'] / sequential[d]['tok_s']:.1f}x" if sequential else "",
                      f"{r['tok_s'] / static[d]['tok_s']:.1f}x" if static else ""])
     for d, r in sequential.items():
         rows.append(["HF generate, sequential", d, "none", args.sequential_requests,
-                     f"{r['tok_s']:.1f}"] + [""] * 8)
+                     f"{r['tok_s']:.1f}"] + [""] * 9)
     for d, r in static.items():
         rows.append(["HF generate, static batch 32", d, "none", 32, f"{r['tok_s']:.1f}"]
-                    + [""] * 8)
+                    + [""] * 9)
     table = markdown_table(["system", "dtype", "quantization", "requests", "output tok/s",
-                            "roofline tok/s", "of roofline", "outside forward", "preemptions",
+                            "roofline tok/s", "of roofline", "outside forward", "device idle",
+                            "preemptions",
                             "decode steps in CUDA graphs", f"vs HF sequential ({user_dtype})",
                             "vs HF sequential (same dtype)", "vs HF static 32 (same dtype)"], rows)
     limits = "\n".join(
@@ -202,7 +211,9 @@ def main() -> None:
              "Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V bytes read) / "
              "copy bandwidth), summed over the steps this run took (`bench/roofline.py`). "
              "Outside forward: share of engine step time spent scheduling, preparing the batch, "
-             "sampling, detokenizing and checking stops.\n"
+             "sampling, detokenizing and checking stops (with overlapped steps the host "
+             "also waits there for the device). Device idle (CUDA): share of the run's wall time "
+             "outside the forwards' device time (CUDA events around each).\n"
              f"{limits}\n- `dtype: auto` here: {auto_dtype}\n"
              f"- KV cache: {first['kv_bytes_per_token']} bytes per token ({dtypes[0]})\n")
     print(table + notes)

@@ -65,20 +65,38 @@ def copy_bandwidth(device: str, nbytes: int | None = None) -> float:
 
 @dataclass
 class StepRecorder:
-    """Wraps a ModelRunner's execute to log each batch: (new tokens, context before, sampled)."""
+    """Wraps a ModelRunner's execute to log each batch: (new tokens, context before, sampled);
+    on CUDA also a pair of events around each forward, whose sum is the device's busy time
+    (the host's share shows as the rest of the wall time, overlapped steps or not)."""
 
     steps: list[list[tuple[int, int, bool]]] = field(default_factory=list)
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
     def attach(self, runner) -> None:
         execute = runner.execute
+        timed = runner.device.type == "cuda"
 
         def recorded(batch, *args):  # overlapped steps also pass the tokens in flight
             self.steps.append([(n, s.num_computed_tokens, s.num_computed_tokens + n
                                 == s.num_tokens) for s, n in zip(batch.seqs,
                                                                 batch.num_new_tokens)])
-            return execute(batch, *args)
+            if not timed:
+                return execute(batch, *args)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = execute(batch, *args)
+            end.record()
+            self.events.append((start, end))
+            return out
 
         runner.execute = recorded
+
+    def device_seconds(self) -> float | None:
+        """Seconds the device spent in the recorded forwards (None off CUDA)."""
+        if not self.events:
+            return None
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1e3
 
 
 def roofline_seconds(steps, cfg: ModelConfig, itemsize: int, peak_flops: float,

@@ -29,10 +29,11 @@ def e4m3_grid() -> torch.Tensor:
 
 
 def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row scale amax / 448, then round to the nearest grid value, ties to the even mantissa."""
+    """Row scale amax times fp32(1 / 448) (CUDA's division by a scalar), then round to the
+    nearest grid value, ties to the even mantissa."""
     grid = e4m3_grid()
     amax = x.double().abs().amax(dim=-1, keepdim=True)
-    scale = (amax.clamp(min=1e-12) / 448).float()
+    scale = amax.clamp(min=1e-12).float() * torch.tensor(1 / 448, dtype=torch.float32)
     y = (x.float() / scale).double().clamp(-448, 448)
     distance = (y[..., None] - grid).abs()
     best = distance.min(dim=-1, keepdim=True).values

@@ -27,7 +27,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E4M3 values, fp32 scale per row [rows, 1]) with x ~= values * scale: each row's
     largest magnitude maps to 448. A row of zeros gets a tiny scale and quantizes to zeros."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=MIN_AMAX)
-    scale = amax / FP8_MAX
+    scale = amax * (1.0 / FP8_MAX)  # CUDA divides by a scalar this way: same scales on CPU
     # the division may round a row's largest value just past 448, which E4M3 cannot hold
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
