@@ -20,13 +20,15 @@ def machine() -> str:
            f"torch {torch.__version__}"
 
 
-def update_section(title: str, body: str) -> None:
-    """Replace the `## title` section (or append it) with body, stamped with machine and date."""
+def update_section(title: str, body: str, stamp: str | None = None) -> None:
+    """Replace the `## title` section (or append it) with body, stamped with machine and date
+    (this one's and today's unless `stamp` says where and when it was measured)."""
     text = HEADER
     if os.path.exists(RESULTS):
         with open(RESULTS) as f:
             text = f.read()
-    section = f"## {title}\n\n_{machine()}, {date.today().isoformat()}_\n\n{body.strip()}\n"
+    stamp = stamp or f"{machine()}, {date.today().isoformat()}"
+    section = f"## {title}\n\n_{stamp}_\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else \
         text.rstrip() + "\n\n" + section

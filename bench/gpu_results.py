@@ -1,0 +1,80 @@
+"""Writes the GPU engine sections of bench/RESULTS.md from a GPU check's results folder.
+
+    python bench/gpu_results.py /work/.device/N    # the folder bench/gpu_check.py wrote ($OUT)
+
+Each shape gets one table: overlapped steps (the default on CUDA), plain steps, and FP8
+weights with overlapped steps, all from the same run of the check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from datetime import date
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.results import markdown_table, update_section
+
+LIKE = {"1b": "Llama-3.2-1B", "8b": "Llama-3.1-8B"}
+VARIANTS = [("none", "overlapped steps"), ("none_sync", "plain steps"),
+            ("fp8", "overlapped steps")]
+
+
+def machine(folder: str) -> str:
+    """'NVIDIA H200, torch 2.11.0+cu130, <date>' from the check's info stage."""
+    with open(os.path.join(folder, "summary.md")) as f:
+        found = re.search(r"^torch (\S+) triton \S+ cuda True (.+)$", f.read(), re.MULTILINE)
+    if not found:
+        sys.exit(f"{folder}/summary.md has no GPU info stage")
+    when = date.fromtimestamp(os.path.getmtime(os.path.join(folder, "summary.md")))
+    return f"{found.group(2)}, torch {found.group(1)}, {when.isoformat()}"
+
+
+def section(folder: str, tag: str) -> str | None:
+    rows, limits = [], []
+    for suffix, steps in VARIANTS:
+        path = os.path.join(folder, f"engine_{tag}_{suffix}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            (key, r), = json.load(f).items()
+        dtype, quantization = key.split("/")
+        rows.append([f"Pagoda engine ({r['backend']} attention), {steps}", dtype, quantization,
+                     f"{r['tok_s']:.0f}", f"{r['roofline_tok_s']:.0f}", f"{r['of_roofline']:.0%}",
+                     f"{r['device_idle']:.1%}", f"{r['outside_forward']:.1%}", r["preemptions"],
+                     f"{r['graph_steps']}/{r['decode_steps']}", r["num_kv_blocks"]])
+        limits.append(f"{quantization}, {steps}: matmul peak {r['peak'] / 1e12:.0f} TFLOP/s, copy "
+                      f"bandwidth {r['bandwidth'] / 1e12:.2f} TB/s")
+    if not rows:
+        return None
+    table = markdown_table(["system", "dtype", "weights", "output tok/s", "roofline tok/s",
+                            "of roofline", "device idle", "outside forward", "preemptions",
+                            "decode steps in CUDA graphs", "KV blocks"], rows)
+    return (f"{table}\n\n64 requests, prompts of 16-512 tokens, 128 output tokens each (EOS "
+            f"ignored), greedy, after a warm-up pass. Random weights with the layer shapes of "
+            f"{LIKE[tag]} (`bench/random_model.py`); with EOS ignored, speed does not depend on "
+            "weight values. Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V "
+            "bytes read) / copy bandwidth), summed over the steps the run took, at the limits "
+            f"measured in the same process ({'; '.join(limits)}). Device idle: share of the "
+            "wall time outside the forwards' device time (CUDA events around each). Outside "
+            "forward: host time outside the forward launch (with overlapped steps it includes "
+            "the wait for the device). Written by `bench/gpu_results.py` from "
+            "`bench/gpu_check.sh`.\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("folder")
+    folder = parser.parse_args().folder
+    stamp = machine(folder)
+    for tag in LIKE:
+        body = section(folder, tag)
+        if body:
+            update_section(f"Engine (cuda, llama-{tag}-random)", body, stamp)
+            print(body)
+
+
+if __name__ == "__main__":
+    main()
