@@ -1,4 +1,4 @@
-"""The GPU measurements of the engine, as one run that fits a short lease (about 8 minutes).
+"""The GPU measurements of the engine, as one run that fits a short lease (about 6 minutes).
 
     OUT=/some/dir python bench/gpu_check.py              # on the GPU machine (bench/gpu_check.sh)
     OUT=/tmp/check python bench/gpu_check.py --dry-run   # the same stages, tiny, on a CPU
@@ -6,8 +6,9 @@
 Stages run in order of importance, each under its own time limit and all under one deadline;
 a stage that fails or runs out of time is recorded and the next one starts. Written under $OUT:
 summary.md (each stage's status, seconds and output tail), logs.txt (every stage's whole
-output), engine_{1b,8b}_{none,fp8}.json and engine_1b_none_sync.json (bench/engine.py results;
-_sync: without overlapped scheduling), triton.json.
+output) and results.json: each stage's JSON by stage name (engine_{1b,8b}_{none,fp8} and
+engine_*_none_sync: bench/engine.py, _sync without overlapped steps; profile_*: bench/
+gpu_profile.py; triton_bf16), one file since a lease returns at most 8.
 
 The real SmolLM2 comes from the model folder given (`--smollm2`) or, failing that, is converted
 from its GGUF file reassembled from parts (`--gguf-parts`, see bench/gpu_pack.sh); without it
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +62,10 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
                                          "--quantization", quantization, "--async-scheduling",
                                          overlap, "--json", os.path.join(out, f"{name}.json")],
                                   200 if tag == "8b" else 120))
+        steady = ["--batch", "4", "--context", "32", "--steps", "3"] if dry else []
+        runs[-1].append(Stage(f"profile_{tag}", [py, "bench/gpu_profile.py", "--model", model,
+                                                 *steady, "--json",
+                                                 os.path.join(out, f"profile_{tag}.json")], 120))
     tokens = "2" if dry else "32"
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
     collect = ["--collect-only"] if dry else []
@@ -80,7 +86,7 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
                   150, True),
             Stage("triton_bf16", [py, "bench/triton_greedy.py", "--model", smollm2, "--dtype",
                                   "bfloat16", "--max-tokens", tokens, "--json",
-                                  os.path.join(out, "triton.json")], 120, True)]
+                                  os.path.join(out, "triton_bf16.json")], 120, True)]
 
 
 def prepare_smollm2(args, work: str) -> str | None:
@@ -112,6 +118,16 @@ def install_wheels(pattern: str, work: str) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, site])
 
 
+def collect_json(folder: str, out: str) -> None:
+    """Every stage's JSON so far into out/results.json."""
+    results = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            results[os.path.basename(path).removesuffix(".json")] = json.load(f)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
 def run_stage(stage: Stage, seconds: float, log) -> tuple[str, float, str]:
     start = time.perf_counter()
     try:
@@ -141,6 +157,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/pagoda-gpu-work", help="models go here")
     args = parser.parse_args()
     out = os.environ.get("OUT") or sys.exit("set OUT to the folder for the results")
+    jsons = os.path.join(args.work, "json")  # kept on the machine from call to call
+    os.makedirs(jsons, exist_ok=True)
     os.makedirs(out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     os.environ["PYTHONPATH"] = ROOT
@@ -154,7 +172,7 @@ def main() -> None:
     only, skip = set(filter(None, args.only.split(","))), set(args.skip.split(","))
 
     def chosen(smollm2: str) -> list[Stage]:
-        return [stage for stage in stages(args, args.work, out, smollm2)
+        return [stage for stage in stages(args, args.work, jsons, smollm2)
                 if (not only or stage.name in only) and stage.name not in skip]
 
     with open(os.path.join(out, "logs.txt"), "w") as log:
@@ -178,6 +196,7 @@ def main() -> None:
             print(f"{stage.name}: {status} ({took:.0f} s)", flush=True)
             summary += [f"## {stage.name}: {status} ({took:.0f} s)", "", "```",
                         output[-4000:].strip(), "```", ""]
+            collect_json(jsons, out)
             with open(os.path.join(out, "summary.md"), "w") as f:
                 f.write("\n".join(summary) + "\n")
 

@@ -32,14 +32,27 @@ def machine(folder: str) -> str:
     return f"{found.group(2)}, torch {found.group(1)}, {when.isoformat()}"
 
 
+def results(folder: str) -> dict:
+    """The check's results.json, or (older checks) one JSON file per stage."""
+    path = os.path.join(folder, "results.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    found = {}
+    for name in os.listdir(folder):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                found[name.removesuffix(".json")] = json.load(f)
+    return found
+
+
 def section(folder: str, tag: str) -> str | None:
     rows, limits = [], []
     for suffix, steps in VARIANTS:
-        path = os.path.join(folder, f"engine_{tag}_{suffix}.json")
-        if not os.path.exists(path):
+        found = results(folder).get(f"engine_{tag}_{suffix}")
+        if not found:
             continue
-        with open(path) as f:
-            (key, r), = json.load(f).items()
+        (key, r), = found.items()
         dtype, quantization = key.split("/")
         rows.append([f"Pagoda engine ({r['backend']} attention), {steps}", dtype, quantization,
                      f"{r['tok_s']:.0f}", f"{r['roofline_tok_s']:.0f}", f"{r['of_roofline']:.0%}",
