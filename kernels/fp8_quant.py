@@ -13,8 +13,8 @@ import triton.language as tl
 from kernels.launch import FLOAT_DTYPES, check_same_device, check_tensor
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-MIN_AMAX = 1e-12  # keeps the scale of an all-zero row positive
+FP8_MAX = tl.constexpr(448.0)  # a kernel reads only constexpr globals
+MIN_AMAX = tl.constexpr(1e-12)  # keeps the scale of an all-zero row positive
 MAX_WIDTH = 16384  # a row is held whole in registers
 
 
