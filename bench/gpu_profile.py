@@ -73,8 +73,9 @@ def main() -> None:
     if cuda:
         engine = steady_engine(args, cuda_graphs=True)
         result["graph_step_ms"] = step_ms(engine, args.steps, args.device)
+        engine.close()
         del engine
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the next engine sizes its KV cache from free memory
     engine = steady_engine(args, cuda_graphs=False)
     result["eager_step_ms"] = step_ms(engine, args.steps, args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
