@@ -22,7 +22,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.results import markdown_table, update_section
-from bench.roofline import StepRecorder, copy_bandwidth, matmul_peak, roofline_seconds
+from bench.roofline import (
+    COLUMNS_NOTE,
+    StepRecorder,
+    copy_bandwidth,
+    matmul_peak,
+    roofline_seconds,
+)
 from workers.engine.config import EngineConfig
 from workers.engine.dtype import choose_dtype
 from workers.engine.llm import LLM
@@ -208,12 +214,7 @@ def main() -> None:
     notes = (f"\n\n{args.requests} requests, prompts of 16-512 tokens, {args.max_tokens} output "
              f"tokens each (EOS ignored), {sampling}, model `{os.path.basename(args.model)}` on "
              f"{args.device}.\n{random_note(args.model)}\n"
-             "Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V bytes read) / "
-             "copy bandwidth), summed over the steps this run took (`bench/roofline.py`). "
-             "Outside forward: share of engine step time spent scheduling, preparing the batch, "
-             "sampling, detokenizing and checking stops (with overlapped steps the host "
-             "also waits there for the device). Device idle (CUDA): share of the run's wall time "
-             "outside the forwards' device time (CUDA events around each).\n"
+             f"{COLUMNS_NOTE}\n"
              f"{limits}\n- `dtype: auto` here: {auto_dtype}\n"
              f"- KV cache: {first['kv_bytes_per_token']} bytes per token ({dtypes[0]})\n")
     print(table + notes)

@@ -75,8 +75,8 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
                          200)
     # first what needs no SmolLM2 (a lease's first call carries only half of it): the first
     # engine table and the kernel tests; then the rest of the tables before the other tests
-    first, *rest = [stage for run in runs for stage in run]
-    return [info, first, rest[0], kernel_tests, *rest[1:],
+    tables = [stage for run in runs for stage in run]  # random_1b, engine_1b_none, ...
+    return [info, *tables[:2], kernel_tests, *tables[2:],
             Stage("fp8_accuracy", pytest + ["-s", "tests/core/test_fp8_accuracy.py", *collect],
                   150, True),
             Stage("core_tests", pytest + ["tests/core/test_fp8.py", "tests/core/test_kv_memory.py",
@@ -118,14 +118,19 @@ def install_wheels(pattern: str, work: str) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, site])
 
 
-def collect_json(folder: str, out: str) -> None:
-    """Every stage's JSON so far into out/results.json."""
+def stage_results(folder: str) -> dict:
+    """Each stage's JSON in folder, by stage name."""
     results = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
             results[os.path.basename(path).removesuffix(".json")] = json.load(f)
+    return results
+
+
+def collect_json(folder: str, out: str) -> None:
+    """Every stage's JSON so far into out/results.json."""
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(stage_results(folder), f, indent=1)
 
 
 def run_stage(stage: Stage, seconds: float, log) -> tuple[str, float, str]:

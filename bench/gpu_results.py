@@ -15,7 +15,9 @@ import sys
 from datetime import date
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.gpu_check import stage_results
 from bench.results import markdown_table, update_section
+from bench.roofline import COLUMNS_NOTE
 
 LIKE = {"1b": "Llama-3.2-1B", "8b": "Llama-3.1-8B"}
 VARIANTS = [("none", "overlapped steps"), ("none_sync", "plain steps"),
@@ -35,21 +37,16 @@ def machine(folder: str) -> str:
 def results(folder: str) -> dict:
     """The check's results.json, or (older checks) one JSON file per stage."""
     path = os.path.join(folder, "results.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    found = {}
-    for name in os.listdir(folder):
-        if name.endswith(".json"):
-            with open(os.path.join(folder, name)) as f:
-                found[name.removesuffix(".json")] = json.load(f)
-    return found
+    if not os.path.exists(path):
+        return stage_results(folder)
+    with open(path) as f:
+        return json.load(f)
 
 
-def section(folder: str, tag: str) -> str | None:
+def section(found_by_stage: dict, tag: str) -> str | None:
     rows, limits = [], []
     for suffix, steps in VARIANTS:
-        found = results(folder).get(f"engine_{tag}_{suffix}")
+        found = found_by_stage.get(f"engine_{tag}_{suffix}")
         if not found:
             continue
         (key, r), = found.items()
@@ -68,22 +65,17 @@ def section(folder: str, tag: str) -> str | None:
     return (f"{table}\n\n64 requests, prompts of 16-512 tokens, 128 output tokens each (EOS "
             f"ignored), greedy, after a warm-up pass. Random weights with the layer shapes of "
             f"{LIKE[tag]} (`bench/random_model.py`); with EOS ignored, speed does not depend on "
-            "weight values. Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V "
-            "bytes read) / copy bandwidth), summed over the steps the run took, at the limits "
-            f"measured in the same process ({'; '.join(limits)}). Device idle: share of the "
-            "wall time outside the forwards' device time (CUDA events around each). Outside "
-            "forward: host time outside the forward launch (with overlapped steps it includes "
-            "the wait for the device). Written by `bench/gpu_results.py` from "
-            "`bench/gpu_check.sh`.\n")
+            f"weight values. {COLUMNS_NOTE} Limits measured in the same process: "
+            f"{'; '.join(limits)}. Written by `bench/gpu_results.py` from `bench/gpu_check.sh`.\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folder")
     folder = parser.parse_args().folder
-    stamp = machine(folder)
+    stamp, found_by_stage = machine(folder), results(folder)
     for tag in LIKE:
-        body = section(folder, tag)
+        body = section(found_by_stage, tag)
         if body:
             update_section(f"Engine (cuda, llama-{tag}-random)", body, stamp)
             print(body)

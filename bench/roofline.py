@@ -63,6 +63,16 @@ def copy_bandwidth(device: str, nbytes: int | None = None) -> float:
     return 2 * nbytes / _best_seconds(lambda: dst.copy_(src))
 
 
+# what the engine tables' roofline, outside-forward and device-idle columns mean
+COLUMNS_NOTE = (
+    "Roofline: per engine step, max(FLOPs / matmul peak, (weights + K/V bytes read) / copy "
+    "bandwidth), summed over the steps this run took (`bench/roofline.py`). Outside forward: "
+    "share of engine step time spent scheduling, preparing the batch, sampling, detokenizing "
+    "and checking stops (with overlapped steps the host also waits there for the device). "
+    "Device idle (CUDA): share of the run's wall time outside the forwards' device time (CUDA "
+    "events around each).")
+
+
 @dataclass
 class StepRecorder:
     """Wraps a ModelRunner's execute to log each batch: (new tokens, context before, sampled);
