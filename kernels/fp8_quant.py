@@ -2,7 +2,8 @@
 448, its scale is amax * fp32(1/448), and values are x / scale (IEEE division), clamped and
 rounded to E4M3. The same numbers as `workers/engine/fp8.quantize_rows`, which in PyTorch
 takes about nine kernels per call: on a GPU those small launches cost more than FP8 weights
-save at decode batch sizes.
+save at decode batch sizes. `e4m3_scale` and `round_to_e4m3` are the quantization itself,
+called too by the RMSNorm and SiLU-mul kernels that write E4M3 rows.
 """
 from __future__ import annotations
 
@@ -19,25 +20,42 @@ MAX_WIDTH = 16384  # a row is held whole in registers
 
 
 @triton.jit
+def e4m3_scale(amax):
+    """A row's fp32 scale from its largest magnitude, which maps to 448."""
+    return tl.maximum(amax, MIN_AMAX) * (1.0 / FP8_MAX)
+
+
+@triton.jit
+def round_to_e4m3(x, scale):
+    """x / scale (IEEE division) clamped to +-448 and rounded to the E4M3 grid, ties to even,
+    still in fp32; the kernels that write E4M3 call this, so they all round alike."""
+    y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    # round here so the cast to E4M3 after it is exact on every backend
+    # (Triton's interpreter rounds a carry out of the mantissa wrongly)
+    bits = y.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000)  # 3 mantissa bits kept
+    steps = tl.abs(y) * 512.0 + 8388608.0 - 8388608.0  # below 2^-6 the grid step is 2^-9
+    subnormal = (steps / 512.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_o,
                           N: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX)
-    scale = amax * (1.0 / FP8_MAX)
-    y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-    # round to the E4M3 grid here, ties to even, so the cast below is exact on every backend
-    # (Triton's interpreter rounds a carry out of the mantissa wrongly)
-    bits = y.to(tl.uint32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000)  # 3 mantissa bits kept
-    steps = tl.abs(y) * 512.0 + 8388608.0 - 8388608.0  # below 2^-6 the grid step is 2^-9
-    subnormal = (steps / 512.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
-    y = tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(tl.float32, bitcast=True)
+    scale = e4m3_scale(tl.max(tl.abs(x), axis=0))
+    y = round_to_e4m3(x, scale)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
+
+
+def row_warps(block: int) -> int:
+    """Warps for a program that holds a whole row of `block` values (a power of two)."""
+    return min(16, max(4, block // 1024))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,5 +70,5 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if rows:
         block = triton.next_power_of_2(width)
         _quantize_rows_kernel[(rows,)](x, out, scale, x.stride(0), out.stride(0), N=width,
-                                       BLOCK=block, num_warps=min(16, max(4, block // 1024)))
+                                       BLOCK=block, num_warps=row_warps(block))
     return out, scale
