@@ -9,8 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.engine.attention import TorchBackend
 from workers.engine.config import EngineConfig
-from workers.engine.fp8 import FP8, Fp8Linear, dequantize, quantize_linears, quantize_rows
+from workers.engine.fp8 import (
+    FP8,
+    Fp8Linear,
+    QuantizedRows,
+    dequantize,
+    quantize_linears,
+    quantize_rows,
+)
+from workers.engine.model import CausalLM, ModelConfig
 
 
 def e4m3_grid() -> torch.Tensor:
@@ -183,6 +192,44 @@ def test_cuda_quantizes_like_the_cpu_and_multiplies_the_quantized_values():
     assert out.dtype == torch.bfloat16
     atol = 1e-2 * exact.abs().max().item()
     torch.testing.assert_close(out.double(), exact, rtol=1e-2, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled_mm", [False, pytest.param(True, marks=ROWWISE)])
+def test_fp8_linear_takes_rows_already_quantized(dtype, scaled_mm):
+    """The quantized rows a fused kernel hands over give what the plain rows give."""
+    _, fp8 = linear_pair(bias=True)
+    fp8.use_scaled_mm = scaled_mm
+    x = torch.randn(3, 5, 256, dtype=dtype)
+    values, scale = quantize_rows(x.reshape(-1, 256))
+    rows = QuantizedRows(values.view(3, 5, 256), scale.view(3, 5, 1), dtype)
+    with torch.inference_mode():
+        out = fp8(rows)
+        assert out.shape == (3, 5, 96) and out.dtype == dtype
+        assert torch.equal(out, fp8(x))
+
+
+class FusingBackend(TorchBackend):
+    """Offers quantized outputs as TritonBackend does (its kernels: tests/kernel)."""
+
+    def rms_norm_fp8(self, *args):
+        raise NotImplementedError
+
+    def silu_mul_fp8(self, *args):
+        raise NotImplementedError
+
+
+def test_only_fp8_linears_after_a_fusing_backend_take_quantized_inputs():
+    cfg = ModelConfig.from_hf({"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+                               "num_hidden_layers": 2, "num_attention_heads": 4})
+    for backend, fused in ((TorchBackend(), 0), (FusingBackend(), 6)):
+        model = CausalLM(cfg, backend)
+        assert model.fuse_fp8_inputs() == 0  # float linears quantize nothing
+        quantize_linears(model)
+        assert model.fuse_fp8_inputs() == fused
+        layer = model.layers["0"]
+        assert layer.fp8_inputs == layer.mlp.fp8_input == bool(fused)
+        assert model.fuse_fp8_inputs(enabled=False) == 0
 
 
 def test_empty_batch():

@@ -2,8 +2,9 @@
 GPU: Triton's front end and its bundled ptxas reject code the interpreter runs happily (a
 non-constexpr global, say), and a GPU is rarely at hand.
 
-A subprocess runs the real engine (Triton backend, bf16) with Triton's launch replaced by a
-compile for an H100/H200 target: the kernels and specializations a GPU run would build."""
+A subprocess runs the real engine (Triton backend, bf16, then with FP8 weights) with Triton's
+launch replaced by a compile for an H100/H200 target: the kernels and specializations a GPU run
+would build. A kernel's variant that writes E4M3 rows is listed apart."""
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ compiled = set()
 run = jit.JITFunction.run
 
 def compile_only(self, *args, grid, warmup, **kwargs):
-    compiled.add(self.__name__)
+    compiled.add(self.__name__ + ("(FP8_OUT)" if kwargs.get("FP8_OUT") else ""))
     return run(self, *args, grid=grid, warmup=True, **kwargs)
 
 jit.JITFunction.run = compile_only
@@ -40,11 +41,13 @@ from workers.engine.config import EngineConfig
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
-engine = LLMEngine(EngineConfig(model=sys.argv[1], device="cpu", dtype="bfloat16",
-                                attention_backend="triton", num_kv_blocks=64))
-engine.add_request("a", list(range(100, 140)), SamplingParams(max_tokens=3, ignore_eos=True))
-while engine.has_unfinished():
-    engine.step()
+for quantization in (None, "fp8"):
+    engine = LLMEngine(EngineConfig(model=sys.argv[1], device="cpu", dtype="bfloat16",
+                                    attention_backend="triton", num_kv_blocks=64,
+                                    quantization=quantization))
+    engine.add_request("a", list(range(100, 140)), SamplingParams(max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
 kernels.fp8_quant.quantize_rows(torch.randn(8, 576, dtype=torch.bfloat16))
 print(" ".join(sorted(compiled)))
 """
@@ -60,4 +63,5 @@ def test_the_engines_kernels_compile_for_sm90(model_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == sorted([
         "_kv_write_kernel", "_paged_decode_kernel", "_paged_prefill_kernel",
-        "_quantize_rows_kernel", "_rms_norm_kernel", "_rope_kernel", "_silu_mul_kernel"])
+        "_quantize_rows_kernel", "_rms_norm_kernel", "_rms_norm_kernel(FP8_OUT)", "_rope_kernel",
+        "_silu_mul_kernel", "_silu_mul_kernel(FP8_OUT)"])

@@ -1,10 +1,13 @@
-"""The engine on SmolLM2 with the Triton backend (interpreted on CPU) matches the torch backend."""
+"""The engine on SmolLM2 with the Triton backend (interpreted on CPU) matches the torch backend,
+and its FP8 inputs fused into the norm and SiLU-mul kernels match the unfused ones."""
 from __future__ import annotations
 
 import pytest
 
 from workers.engine.config import EngineConfig
 from workers.engine.llm import LLM
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -33,3 +36,36 @@ def test_triton_backend_greedy_matches_torch_backend(model_dir):
     assert triton_cached > 0 and triton_cached == torch_cached
     assert all(len(t) == 4 for t in triton_tokens)
     assert triton_tokens == torch_tokens
+
+
+def run_one(engine: LLMEngine, request_id: str, prompt: list[int],
+            params: SamplingParams) -> RequestOutput:
+    engine.add_request(request_id, prompt, params)
+    out = RequestOutput(request_id)
+    while engine.has_unfinished():
+        for delta in engine.step():
+            out = out.merge(delta)
+    return out
+
+
+def test_fp8_inputs_from_the_norm_and_silu_kernels_change_no_logit(model_dir):
+    """With FP8 weights, the RMSNorm and SiLU-mul kernels that quantize the next linear's input
+    give the same logits, prompt and sampled, as quantizing it after them. float16: the rows
+    are rounded to the compute dtype before they are quantized (the interpreter has no bf16
+    attention). No CUDA graphs on a GPU: they would keep replaying the fused kernels."""
+    engine = LLMEngine(EngineConfig(model=model_dir, attention_backend="triton",
+                                    quantization="fp8", dtype="float16", block_size=8,
+                                    max_model_len=64, num_kv_blocks=16, max_num_seqs=2,
+                                    enable_prefix_caching=False, cuda_graphs=False))
+    model = engine.runner.model
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=5,
+                            prompt_logprobs=5)
+    prompt = engine.tokenizer.encode("The capital of France is")
+    assert model.fuse_fp8_inputs() == 3 * model.cfg.num_layers
+    fused = run_one(engine, "fused", prompt, params)
+    assert model.fuse_fp8_inputs(enabled=False) == 0
+    unfused = run_one(engine, "unfused", prompt, params)
+    assert len(fused.token_ids) == 2 and fused.prompt_logprobs
+    assert fused.token_ids == unfused.token_ids
+    assert fused.logprobs == unfused.logprobs
+    assert fused.prompt_logprobs == unfused.prompt_logprobs

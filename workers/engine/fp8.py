@@ -7,11 +7,16 @@ nearest even, saturating at +-448); at run time each input row gets its own scal
 and `torch._scaled_mm` multiplies the two FP8 matrices, applying both scales to its fp32
 accumulator: on Hopper, the FP8 tensor-core matmul. Elsewhere the same quantized values are
 dequantized and multiplied in the compute dtype, so results agree across devices.
+With the Triton backend (`CausalLM.fuse_fp8_inputs`) the RMSNorm and SiLU-mul kernels write the
+inputs of qkv_proj, gate_up_proj and down_proj already quantized (`QuantizedRows`, the same
+values); o_proj quantizes its own.
 Under tensor parallelism each rank quantizes the rows or columns it holds: per-output-channel
 scales of a column shard equal the unsplit model's, and a row-parallel shard's partial sums are
 each rescaled before the all-reduce adds them.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,14 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_AMAX = 1e-12  # keeps the scale of an all-zero row positive
 QUANTIZED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # embeddings and LM head stay
+
+
+class QuantizedRows(NamedTuple):
+    """Activation rows already quantized, by the kernel that computed them, for an Fp8Linear."""
+
+    values: torch.Tensor  # E4M3, [..., in_features]
+    scale: torch.Tensor  # fp32, [..., 1]
+    dtype: torch.dtype  # of the rows before quantization: the linear's output dtype
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +62,7 @@ def scaled_mm_supported(device: torch.device, in_features: int, out_features: in
 class Fp8Linear(nn.Module):
     """y = x @ W^T + b with W held in E4M3 and one fp32 scale per output channel.
 
+    Its input is a tensor, whose rows it quantizes, or the QuantizedRows a fused kernel wrote.
     Without FP8 tensor cores (CPU, older GPUs) it multiplies the same quantized values,
     dequantized: the weight once, into `dequantized` (so on those devices fp8 checks the
     numerics and saves no memory), the activations per call."""
@@ -69,21 +83,25 @@ class Fp8Linear(nn.Module):
                 self.quantize_input = fp8_quant.quantize_rows
         self.dequantized: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        values, scale = self.quantize_input(x.reshape(-1, self.in_features))
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        if isinstance(x, QuantizedRows):
+            shape, dtype = x.values.shape, x.dtype
+            values, scale = x.values.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
+        else:
+            shape, dtype = x.shape, x.dtype
+            values, scale = self.quantize_input(x.reshape(-1, self.in_features))
+        bias = None if self.bias is None else self.bias.to(dtype)
         if self.use_scaled_mm and values.shape[0]:
             # row-wise scaled matmul writes bf16 on CUDA; other compute dtypes are cast after it
-            out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+            out_dtype = torch.bfloat16 if values.is_cuda else dtype
             out = torch._scaled_mm(values, self.weight.t(), scale_a=scale,
-                                   scale_b=self.weight_scale, out_dtype=out_dtype).to(x.dtype)
+                                   scale_b=self.weight_scale, out_dtype=out_dtype).to(dtype)
             if bias is not None:
                 out = out + bias
         else:
-            if self.dequantized is None or self.dequantized.dtype != x.dtype:
-                self.dequantized = dequantize(self.weight, self.weight_scale.t(), x.dtype)
-            out = F.linear(dequantize(values, scale, x.dtype), self.dequantized, bias)
+            if self.dequantized is None or self.dequantized.dtype != dtype:
+                self.dequantized = dequantize(self.weight, self.weight_scale.t(), dtype)
+            out = F.linear(dequantize(values, scale, dtype), self.dequantized, bias)
         return out.reshape(*shape[:-1], self.out_features)
 
 

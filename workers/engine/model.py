@@ -15,6 +15,7 @@ from torch import nn
 from kernels.rope_cache import build_rope_cache
 from workers.engine.attention import AttentionMetadata
 from workers.engine.distributed import ParallelContext, stage_layers
+from workers.engine.fp8 import Fp8Linear
 from workers.engine.packed_linear import PackedLinear
 from workers.engine.parallel_layers import ShardLayout, VocabParallelEmbedding
 
@@ -87,8 +88,9 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata, rope_cache,
                 backend) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        n = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -105,9 +107,12 @@ class MLP(nn.Module):
         size = cfg.layout(ctx).intermediate
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * size, bias=False)
         self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)  # row-parallel
+        self.fp8_input = False  # silu_mul writes down_proj's E4M3 input (CausalLM.fuse_fp8_inputs)
 
     def forward(self, x, backend) -> torch.Tensor:
-        return self.ctx.all_reduce(self.down_proj(backend.silu_mul(self.gate_up_proj(x))))
+        h = self.gate_up_proj(x)
+        h = backend.silu_mul_fp8(h) if self.fp8_input else backend.silu_mul(h)
+        return self.ctx.all_reduce(self.down_proj(h))
 
 
 class DecoderLayer(nn.Module):
@@ -118,11 +123,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ctx)
         self.input_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.post_attention_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
+        # the norms write the E4M3 inputs of qkv_proj and gate_up_proj (CausalLM.fuse_fp8_inputs)
+        self.fp8_inputs = False
 
     def forward(self, x, residual, positions, kv_cache, meta, rope_cache, backend):
-        h, residual = backend.rms_norm(x, self.input_layernorm, self.eps, residual)
+        norm = backend.rms_norm_fp8 if self.fp8_inputs else backend.rms_norm
+        h, residual = norm(x, self.input_layernorm, self.eps, residual)
         h = self.self_attn(h, positions, kv_cache, meta, rope_cache, backend)
-        h, residual = backend.rms_norm(h, self.post_attention_layernorm, self.eps, residual)
+        h, residual = norm(h, self.post_attention_layernorm, self.eps, residual)
         return self.mlp(h, backend), residual
 
 
@@ -150,6 +158,19 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_cache", build_rope_cache(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
             persistent=False)
+
+    def fuse_fp8_inputs(self, enabled: bool = True) -> int:
+        """Where the backend can, its RMSNorm and SiLU-mul kernels write the quantized inputs of
+        the Fp8Linear layers after them, which then skip their own quantization kernel.
+        Returns how many linear layers get their input that way."""
+        norm = enabled and hasattr(self.backend, "rms_norm_fp8")
+        silu = enabled and hasattr(self.backend, "silu_mul_fp8")
+        layers = [m for m in self.modules() if isinstance(m, DecoderLayer)]
+        for layer in layers:
+            layer.fp8_inputs = norm and isinstance(layer.self_attn.qkv_proj, Fp8Linear) and \
+                isinstance(layer.mlp.gate_up_proj, Fp8Linear)
+            layer.mlp.fp8_input = silu and isinstance(layer.mlp.down_proj, Fp8Linear)
+        return sum(2 * layer.fp8_inputs + layer.mlp.fp8_input for layer in layers)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -103,7 +103,10 @@ class ModelRunner:
         self.model = model.to(self.dtype).eval()
         self.model.rope_cache = self.model.rope_cache.float()
         if config.quantization == "fp8":
-            log.info("fp8: %d linear layers quantized to E4M3", quantize_linears(self.model))
+            quantized = quantize_linears(self.model)
+            fused = self.model.fuse_fp8_inputs()
+            log.info("fp8: %d linear layers quantized to E4M3, %d of them take their input "
+                     "quantized by the kernel before them", quantized, fused)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.rank_weight_bytes = self._gather_weight_bytes()
         if packing_supported(self.device, self.dtype):

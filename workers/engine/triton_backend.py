@@ -2,20 +2,24 @@
 
 TritonBackend runs every op with our Triton kernels. Its decode path (`meta.decode_only`) reads
 only device tensors and Python ints that stay fixed for a captured batch size, so it is safe
-inside a CUDA graph. FlashBackend swaps attention for vllm-flash-attn's paged varlen kernel
-(`pip install .[flash]`) and keeps the Triton kernels for the rest.
+inside a CUDA graph. With FP8 weights, `rms_norm_fp8` and `silu_mul_fp8` write the next
+linear layer's E4M3 input and scales themselves (one kernel less per linear). FlashBackend
+swaps attention for vllm-flash-attn's paged varlen kernel (`pip install .[flash]`) and keeps
+the Triton kernels for the rest.
 """
 from __future__ import annotations
 
 import torch
 
+from kernels.fp8_quant import MAX_WIDTH
 from kernels.kv_write import kv_write
 from kernels.paged_decode import paged_decode
 from kernels.paged_prefill import paged_prefill
-from kernels.rms_norm import rms_norm
+from kernels.rms_norm import rms_norm, rms_norm_fp8
 from kernels.rope import rope
-from kernels.silu_mul import silu_mul
+from kernels.silu_mul import silu_mul, silu_mul_fp8
 from workers.engine.attention import AttentionMetadata
+from workers.engine.fp8 import QuantizedRows
 
 
 class TritonBackend:
@@ -42,6 +46,12 @@ class TritonBackend:
         """Returns (normed, new_residual); with a residual, adds it to x first."""
         return rms_norm(x, weight, eps, residual)
 
+    def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     residual: torch.Tensor | None = None) -> tuple[QuantizedRows, torch.Tensor]:
+        """rms_norm with the normed rows written as an Fp8Linear's quantized input."""
+        values, scale, new_residual = rms_norm_fp8(x, weight, eps, residual)
+        return QuantizedRows(values, scale, x.dtype), new_residual
+
     def rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
              cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotary embedding; q/k: [num_tokens, heads, head_dim]."""
@@ -57,6 +67,14 @@ class TritonBackend:
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul(x)
+
+    def silu_mul_fp8(self, x: torch.Tensor) -> QuantizedRows | torch.Tensor:
+        """silu_mul written as an Fp8Linear's quantized input; rows too wide for one program
+        stay plain, and the linear quantizes them."""
+        if x.shape[-1] // 2 > MAX_WIDTH:
+            return silu_mul(x)
+        values, scale = silu_mul_fp8(x)
+        return QuantizedRows(values, scale, x.dtype)
 
 
 class FlashBackend(TritonBackend):
