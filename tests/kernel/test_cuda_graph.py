@@ -1,4 +1,5 @@
-"""Decode steps replayed from CUDA graphs equal eager steps; on CPU the runner stays off."""
+"""Decode steps replayed from CUDA graphs equal eager steps, whole or split into pipeline stages;
+on CPU the runner stays off."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,8 @@ from kernel_inputs import DEVICE, ON_GPU, random_block_tables
 from kernels.rope_cache import build_rope_cache
 from workers.engine.attention import AttentionMetadata
 from workers.engine.cuda_graph import CudaGraphRunner, GraphShape
+from workers.engine.distributed import ParallelContext
+from workers.engine.model import CausalLM, ModelConfig
 from workers.engine.triton_backend import TritonBackend
 
 BLOCK_SIZE, NUM_BLOCKS, MAX_MODEL_LEN = 16, 96, 256
@@ -93,6 +96,22 @@ def test_stage_pads_rows_to_the_bucket():
     assert torch.equal(runner.block_tables[:3, :width], meta.block_tables.cpu())
 
 
+def test_a_later_stage_stages_the_previous_stages_hidden_states():
+    runner = CudaGraphRunner(lambda *args: None, [], GraphShape(8, 16, 256), "cpu",
+                             stage_input=(4, torch.float32))
+    input_ids, positions, meta = decode_batch([5, 70, 20])
+    hidden, residual = torch.randn(3, 4), torch.randn(3, 4)
+    assert runner.stage(input_ids, positions, meta, (hidden, residual)) == 4
+    assert runner.intermediate is not None
+    assert torch.equal(runner.intermediate[0][:3], hidden)
+    assert torch.equal(runner.intermediate[1][:3], residual)
+    with pytest.raises(ValueError, match="previous stage"):
+        runner.stage(input_ids, positions, meta)
+    first = CudaGraphRunner(lambda *args: None, [], GraphShape(8, 16, 256), "cpu")
+    with pytest.raises(ValueError, match="previous stage"):
+        first.stage(input_ids, positions, meta, (hidden, residual))
+
+
 def test_runner_is_disabled_on_cpu():
     runner = CudaGraphRunner(lambda *args: None, [], GraphShape(8, 16, 256), "cpu")
     runner.capture()
@@ -129,3 +148,52 @@ def test_replay_matches_eager(dtype):
             for (k, v), (k_ref, v_ref) in zip(kv_caches, eager_caches):
                 torch.testing.assert_close(k, k_ref, atol=3e-2, rtol=3e-2)
                 torch.testing.assert_close(v, v_ref, atol=3e-2, rtol=3e-2)
+
+
+def tiny_llama(num_layers: int) -> ModelConfig:
+    return ModelConfig(model_type="llama", vocab_size=100, hidden_size=128, intermediate_size=256,
+                       num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=32,
+                       rms_norm_eps=1e-5, rope_theta=1e4, rope_scaling=None,
+                       max_position_embeddings=MAX_MODEL_LEN, tie_word_embeddings=False,
+                       qkv_bias=False, sliding_window=None)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_pipeline_stages_replay_what_the_whole_model_computes():
+    """Two stages, each replaying its own graphs, the second from the first's (hidden,
+    residual): the whole model's eager hidden states and KV writes."""
+    cfg, backend, dtype = tiny_llama(4), TritonBackend(), torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        whole = CausalLM(cfg, backend)
+        stages = [CausalLM(cfg, backend, ParallelContext(1, 2, rank)) for rank in (0, 1)]
+    for stage in stages:  # each stage holds the whole model's weights of its layers
+        stage.load_state_dict({k: v for k, v in whole.state_dict().items()
+                               if k in stage.state_dict()})
+    for model in (whole, *stages):
+        model.to(dtype).eval()
+        model.rope_cache = model.rope_cache.float()
+    shape = (NUM_BLOCKS, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
+    kv_caches = [(torch.randn(shape, dtype=dtype, device=DEVICE),
+                  torch.randn(shape, dtype=dtype, device=DEVICE)) for _ in range(4)]
+    graph_shape = GraphShape(20, MAX_MODEL_LEN // BLOCK_SIZE, MAX_MODEL_LEN)
+    first = CudaGraphRunner(stages[0], kv_caches[:2], graph_shape, DEVICE)
+    last = CudaGraphRunner(stages[1], kv_caches[2:], graph_shape, DEVICE,
+                           stage_input=(cfg.hidden_size, dtype))
+    with torch.inference_mode():
+        first.capture()
+        last.capture()
+        for n in (3, 17, 20, 1, 3):
+            seq_lens = torch.randint(1, 4 * BLOCK_SIZE, (n,)).tolist()
+            input_ids, positions, meta = decode_batch(seq_lens)
+            eager_caches = [(k.clone(), v.clone()) for k, v in kv_caches]
+            eager = whole(input_ids, positions, eager_caches, meta)
+            intermediate = first.run(input_ids, positions, meta)
+            assert isinstance(intermediate, tuple) and len(intermediate) == 2
+            replayed = last.run(input_ids, positions, meta, intermediate)
+            assert isinstance(replayed, torch.Tensor) and replayed.shape == eager.shape
+            torch.testing.assert_close(replayed, eager, atol=3e-2, rtol=3e-2)
+            for (k, v), (k_ref, v_ref) in zip(kv_caches, eager_caches):
+                torch.testing.assert_close(k, k_ref, atol=3e-2, rtol=3e-2)
+                torch.testing.assert_close(v, v_ref, atol=3e-2, rtol=3e-2)
+    assert first.replays == last.replays == 5

@@ -12,13 +12,21 @@
 `meta` built from static buffers; logits are left to the caller, outside the graph. The result of
 `run` is a view of a static buffer that the next `run` overwrites.
 
+A later pipeline stage (`stage_input=(hidden_size, dtype)`) starts from the previous stage's
+`(hidden, residual)`: `run(..., intermediate=...)` copies them into static buffers too, and the
+model is called as `model(input_ids, positions, kv_caches, meta, (hidden, residual))`. A stage
+before the last returns its `(hidden, residual)` pair, so `run` does too; the sends and
+receives between stages stay outside the graphs.
+
 A batch of n sequences replays the smallest bucket b >= n. Its padded rows get input id 0,
 position 0, slot `pad_slot` and seq_len 0, so attention reads no key for them. Our Triton
 `kv_write` (TritonBackend and FlashBackend) skips slot -1; TorchBackend would index slot -1 from
 the end, so with it reserve one dummy KV block and pass its first slot as `pad_slot`.
 Inside the graph `meta.max_seq_len` is `max_model_len` (paged decode only sizes its split-K
 grid from it) and the `*_cpu` lists describe the bucket, not the live batch: the model's
-decode path must read only the device tensors. On CPU the runner is disabled.
+decode path must read only the device tensors. Padded rows of a later stage's hidden states keep
+what an earlier batch left there: finite values, in rows whose results nobody reads. On CPU the
+runner is disabled.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ import torch
 from workers.engine.attention import AttentionMetadata
 
 log = logging.getLogger("pagoda.engine")
+
+StageOutput = torch.Tensor | tuple[torch.Tensor, ...]  # hidden, or (hidden, residual) mid-pipeline
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,8 @@ class GraphShape:
 class CudaGraphRunner:
     def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  shape: GraphShape, device: torch.device | str, enabled: bool = True,
-                 pad_slot: int = -1) -> None:
+                 pad_slot: int = -1,
+                 stage_input: tuple[int, torch.dtype] | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.shape = shape
@@ -65,7 +76,7 @@ class CudaGraphRunner:
         self.enabled = enabled and self.device.type == "cuda"
         self.pad_slot = pad_slot
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, StageOutput] = {}
         self.replays = 0  # decode steps run from a graph
         self.pool_bytes = 0  # device memory the captured graphs took
         # the static inputs exist on every device, so the padding is checked without a GPU
@@ -76,6 +87,12 @@ class CudaGraphRunner:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        # a later pipeline stage's inputs: the previous stage's hidden states and residual
+        self.intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+        if stage_input is not None:
+            hidden_size, dtype = stage_input
+            hidden = torch.zeros(n, hidden_size, dtype=dtype, device=dev)
+            self.intermediate = (hidden, torch.zeros_like(hidden))
 
     def capture(self) -> None:
         """Captures every bucket, largest first so the smaller ones reuse its memory pool."""
@@ -85,7 +102,9 @@ class CudaGraphRunner:
         pool = None
         for size in reversed(self.shape.buckets):
             meta = self._meta(size)
-            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+            args: tuple = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+            if self.intermediate is not None:
+                args += (tuple(t[:size] for t in self.intermediate),)
             # warm-up compiles kernels; padded inputs write and read no KV slot
             self.model(*args)
             torch.cuda.synchronize(self.device)
@@ -104,21 +123,27 @@ class CudaGraphRunner:
                 and 0 < meta.num_seqs <= self.shape.max_num_seqs
                 and meta.block_tables.shape[1] <= self.shape.max_blocks_per_seq)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            intermediate: tuple[torch.Tensor, ...] | None = None) -> StageOutput:
         if not self.can_run(meta):
             raise ValueError("batch cannot replay a graph: needs decode-only, "
                              f"1..{self.shape.max_num_seqs} sequences, captured graphs")
-        size = self.stage(input_ids, positions, meta)
+        size = self.stage(input_ids, positions, meta, intermediate)
         self.graphs[size].replay()
         self.replays += 1
-        return self.outputs[size][:meta.num_seqs]
+        out, n = self.outputs[size], meta.num_seqs
+        return out[:n] if isinstance(out, torch.Tensor) else tuple(t[:n] for t in out)
 
-    def stage(self, input_ids: torch.Tensor, positions: torch.Tensor,
-              meta: AttentionMetadata) -> int:
+    def stage(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+              intermediate: tuple[torch.Tensor, ...] | None = None) -> int:
         """Copy a decode batch into the static inputs, pad them to its bucket; the bucket."""
         n = meta.num_seqs
         size = self.shape.bucket(n)
+        if (intermediate is None) != (self.intermediate is None):
+            raise ValueError("a later pipeline stage's graphs run from the previous stage's "
+                             "(hidden, residual), and only they do")
+        for static, given in zip(self.intermediate or (), intermediate or (), strict=True):
+            static[:n].copy_(given, non_blocking=True)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)

@@ -121,7 +121,7 @@ class ModelRunner:
         self.last_handoff_time = 0.0  # seconds spent handing the last plan to the other ranks
         self.broken = False  # a step across ranks failed: the group cannot be used again
         self.sends: list[Send] = []  # this rank's activations or logits still being sent
-        graphs = config.cuda_graphs and self.backend.name != "torch" and self.ctx.pp_size == 1
+        graphs = config.cuda_graphs and self.backend.name != "torch"
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: CudaGraphRunner | None = None  # captured once the KV cache exists
         self.num_blocks = self._size_kv_cache(graphs)
@@ -129,7 +129,9 @@ class ModelRunner:
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches,
             GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.context_len),
-            self.device, enabled=graphs)
+            self.device, enabled=graphs,
+            stage_input=None if self.ctx.is_first_stage else
+            (self.model_config.hidden_size, self.dtype))
         self.graphs.capture()
 
     def prepare_thread(self) -> None:
@@ -268,23 +270,29 @@ class ModelRunner:
                                    2 * len(plan.pending))
                 pairs = torch.from_numpy(flat).to(self.device, non_blocking=True)
                 input_ids[pairs[0::2]] = sampled[pairs[1::2]]
+        intermediate = None
+        if not self.ctx.is_first_stage:
+            intermediate = self.ctx.recv_from_previous_stage(
+                *(torch.empty(plan.num_tokens, self.model_config.hidden_size,
+                              dtype=self.dtype, device=self.device) for _ in range(2)))
+        out = self._forward(input_ids, positions, meta, intermediate)
+        if self.ctx.is_last_stage:
+            return self._logits(out, plan)
+        wait_all(self.sends)
+        self.sends = self.ctx.send_to_next_stage(*out)
+        return self._receive_logits(plan) if self.ctx.rank == 0 and receive else None
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata, intermediate: tuple[torch.Tensor, ...] | None):
+        """This stage's layers: from a CUDA graph when one fits the batch, else eagerly."""
         if self.graphs is not None and self.graphs.can_run(meta):
-            return self._logits(self.graphs.run(input_ids, positions, meta), plan)
+            wait_all(self.sends)  # the replay overwrites the output a send may still be reading
+            return self.graphs.run(input_ids, positions, meta, intermediate)
         # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would
         # leak into the caller's other float code, so it is on only while the forward runs.
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
-            intermediate = None
-            if not self.ctx.is_first_stage:
-                intermediate = self.ctx.recv_from_previous_stage(
-                    *(torch.empty(plan.num_tokens, self.model_config.hidden_size,
-                                  dtype=self.dtype, device=self.device) for _ in range(2)))
-            out = self.model(input_ids, positions, self.kv_caches, meta, intermediate)
-            if self.ctx.is_last_stage:
-                return self._logits(out, plan)
-            wait_all(self.sends)
-            self.sends = self.ctx.send_to_next_stage(*out)
-            return self._receive_logits(plan) if self.ctx.rank == 0 and receive else None
+            return self.model(input_ids, positions, self.kv_caches, meta, intermediate)
         finally:
             if flush:
                 torch.set_flush_denormal(False)
