@@ -7,8 +7,8 @@ Stages run in order of importance, each under its own time limit and all under o
 a stage that fails or runs out of time is recorded and the next one starts. Written under $OUT:
 summary.md (each stage's status, seconds and output tail), logs.txt (every stage's whole
 output) and results.json: each stage's JSON by stage name (engine_{1b,8b}_{none,fp8} and
-engine_*_none_sync: bench/engine.py, _sync without overlapped steps; profile_*: bench/
-gpu_profile.py; triton_bf16), one file since a lease returns at most 8.
+engine_*_none_sync: bench/engine.py, _sync without overlapped steps; profile_{1b,8b}[_fp8]:
+bench/gpu_profile.py; triton_bf16), one file since a lease returns at most 8.
 
 The real SmolLM2 comes from the model folder given (`--smollm2`) or, failing that, is converted
 from its GGUF file reassembled from parts (`--gguf-parts`, see bench/gpu_pack.sh); without it
@@ -63,9 +63,11 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
                                          overlap, "--json", os.path.join(out, f"{name}.json")],
                                   200 if tag == "8b" else 120))
         steady = ["--batch", "4", "--context", "32", "--steps", "3"] if dry else []
-        runs[-1].append(Stage(f"profile_{tag}", [py, "bench/gpu_profile.py", "--model", model,
-                                                 *steady, "--json",
-                                                 os.path.join(out, f"profile_{tag}.json")], 120))
+        for quantization in ("none", "fp8"):
+            name = f"profile_{tag}" + ("_fp8" if quantization == "fp8" else "")
+            runs[-1].append(Stage(name, [py, "bench/gpu_profile.py", "--model", model, *steady,
+                                         "--quantization", quantization, "--json",
+                                         os.path.join(out, f"{name}.json")], 120))
     tokens = "2" if dry else "32"
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
     collect = ["--collect-only"] if dry else []

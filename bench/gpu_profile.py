@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    result = {"batch": args.batch, "context": args.context, "model": args.model}
+    result = {"batch": args.batch, "context": args.context, "model": args.model,
+              "quantization": args.quantization or "none"}
     if cuda:
         engine = steady_engine(args, cuda_graphs=True)
         result["graph_step_ms"] = step_ms(engine, args.steps, args.device)

@@ -3,7 +3,8 @@
     python bench/gpu_results.py /work/.device/N    # the folder bench/gpu_check.py wrote ($OUT)
 
 Each shape gets one table: overlapped steps (the default on CUDA), plain steps, and FP8
-weights with overlapped steps, all from the same run of the check.
+weights with overlapped steps, all from the same run of the check; and, where the check
+profiled it, where a steady decode step's device time goes (bf16 and FP8 weights).
 """
 from __future__ import annotations
 
@@ -69,6 +70,28 @@ def section(found_by_stage: dict, tag: str) -> str | None:
             f"{'; '.join(limits)}. Written by `bench/gpu_results.py` from `bench/gpu_check.sh`.\n")
 
 
+def profile_section(found_by_stage: dict, tag: str, top: int = 12) -> str | None:
+    """The kernels of a steady decode step, by device time, for each weight format profiled."""
+    parts = []
+    for suffix, weights in (("", "bf16"), ("_fp8", "fp8")):
+        r = found_by_stage.get(f"profile_{tag}{suffix}")
+        if not r:
+            continue
+        parts.append(
+            f"**{weights} weights**, batch {r['batch']} x context {r['context']}: "
+            f"{r['graph_step_ms']:.3f} ms per step replayed from CUDA graphs, "
+            f"{r['eager_step_ms']:.3f} ms eager; {r['launches_per_step']:.0f} kernel launches "
+            f"and {r['profiled_us_per_step'] / 1e3:.3f} ms of kernel time per eager step.\n\n"
+            + markdown_table(["kernel", "calls/step", "us/step", "share"], [
+                [k["name"].replace("|", "/"), f"{k['calls_per_step']:.1f}",
+                 f"{k['us_per_step']:.1f}", f"{k['share']:.1%}"] for k in r["kernels"][:top]]))
+    if not parts:
+        return None
+    return "\n\n".join(parts) + (f"\n\nRandom weights with the layer shapes of {LIKE[tag]}; "
+                                  "`bench/gpu_profile.py` (torch.profiler over eager steps), "
+                                  "written by `bench/gpu_results.py`.\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folder")
@@ -78,6 +101,10 @@ def main() -> None:
         body = section(found_by_stage, tag)
         if body:
             update_section(f"Engine (cuda, llama-{tag}-random)", body, stamp)
+            print(body)
+        body = profile_section(found_by_stage, tag)
+        if body:
+            update_section(f"Decode step kernels (cuda, llama-{tag}-random)", body, stamp)
             print(body)
 
 
