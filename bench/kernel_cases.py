@@ -21,6 +21,7 @@ from kernels.reference import (
 from kernels.rms_norm import rms_norm
 from kernels.rope import rope
 from kernels.rope_cache import build_rope_cache
+from kernels.rope_write_kv import rope_write_kv
 from kernels.silu_mul import silu_mul
 from workers.engine.attention import AttentionMetadata, TorchBackend
 
@@ -243,6 +244,9 @@ def bench_elementwise(copy_gbs: float, tokens: int = 4096) -> list[str]:
          2 * (q.numel() + k.numel()) * size),
         ("kv_write", f"{tokens} x 8 x 128", lambda: kv_write(k, k, k_cache, v_cache, slots),
          4 * k.numel() * size),
+        ("rope + kv_write (one kernel)", f"{tokens} x (32+8+8) x 128",
+         lambda: rope_write_kv(positions, q, k, k, cache, k_cache, v_cache, slots),
+         (2 * q.numel() + 4 * k.numel()) * size),
     ]
     rows = []
     for name, shape, fn, nbytes in cases:

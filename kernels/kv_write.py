@@ -41,10 +41,8 @@ def _kv_write_kernel(
              + d[None, :], v, mask=mask)
 
 
-def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads,
-    head_dim]; slot_mapping: [num_tokens] int64 (or int32)."""
+def check_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, dims=3)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -63,6 +61,13 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if slot_mapping.shape[0] != k.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for "
                          f"{k.shape[0]} tokens")
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads,
+    head_dim]; slot_mapping: [num_tokens] int64 (or int32)."""
+    check_kv_write(k, v, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = k.shape
     num_rows = num_tokens * num_kv_heads
     if num_rows == 0:

@@ -9,16 +9,31 @@ from kernels.launch import FLOAT_DTYPES, check_same_device, check_tensor, rows_p
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, token, t_mask, cos, sin, j, j_mask, stride_xt, stride_xh,
-                  stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
-                  HALF: tl.constexpr):
-    """Rotates all heads of TOKENS tokens: tiles [TOKENS, BLOCK_H, BLOCK_HALF]."""
+def cos_sin_tile(positions_ptr, cos_sin_ptr, token, t_mask, stride_cs, HALF: tl.constexpr,
+             BLOCK_HALF: tl.constexpr):
+    """cos and sin of a tile of tokens' positions [TOKENS, 1, BLOCK_HALF], read once per token
+    and shared by every q and k head; and the half-dim offsets j with their mask."""
+    pos = tl.load(positions_ptr + token, mask=t_mask, other=0).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    j_mask = j < HALF
+    cs_mask = t_mask[:, None] & j_mask[None, :]
+    cs_row = cos_sin_ptr + pos[:, None] * stride_cs + j[None, :]
+    cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    sin = tl.load(cs_row + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    return cos, sin, j, j_mask
+
+
+@triton.jit
+def rotate_heads(x_ptr, out_ptr, x_rows, o_rows, t_mask, cos, sin, j, j_mask, stride_xh,
+                  stride_oh, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+    """Rotates all heads of a tile of tokens [TOKENS, BLOCK_H, BLOCK_HALF]; x_rows and o_rows
+    are each token's offset in the input and output."""
     h = tl.arange(0, BLOCK_H)[None, :, None]
     mask = t_mask[:, None, None] & (h < HEADS) & j_mask[None, None, :]
-    x_row = x_ptr + token[:, None, None] * stride_xt + h * stride_xh + j[None, None, :]
+    x_row = x_ptr + x_rows[:, None, None] + h * stride_xh + j[None, None, :]
     x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
-    o_row = out_ptr + token[:, None, None] * stride_ot + h * stride_oh + j[None, None, :]
+    o_row = out_ptr + o_rows[:, None, None] + h * stride_oh + j[None, None, :]
     tl.store(o_row, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(o_row + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -34,42 +49,45 @@ def _rope_kernel(
     token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
     t_mask = token < num_tokens
     token = token.to(tl.int64)
-    # cos/sin are read once per token and shared by every q and k head
-    pos = tl.load(positions_ptr + token, mask=t_mask, other=0).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)
-    j_mask = j < HALF
-    cs_mask = t_mask[:, None] & j_mask[None, :]
-    cs_row = cos_sin_ptr + pos[:, None] * stride_cs + j[None, :]
-    cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    sin = tl.load(cs_row + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    _rotate_heads(q_ptr, q_out_ptr, token, t_mask, cos, sin, j, j_mask, stride_qt, stride_qh,
-                  stride_qot, stride_qoh, Q_HEADS, BLOCK_QH, HALF)
-    _rotate_heads(k_ptr, k_out_ptr, token, t_mask, cos, sin, j, j_mask, stride_kt, stride_kh,
-                  stride_kot, stride_koh, K_HEADS, BLOCK_KH, HALF)
+    cos, sin, j, j_mask = cos_sin_tile(positions_ptr, cos_sin_ptr, token, t_mask, stride_cs,
+                                       HALF, BLOCK_HALF)
+    rotate_heads(q_ptr, q_out_ptr, token * stride_qt, token * stride_qot, t_mask, cos, sin, j,
+                 j_mask, stride_qh, stride_qoh, Q_HEADS, BLOCK_QH, HALF)
+    rotate_heads(k_ptr, k_out_ptr, token * stride_kt, token * stride_kot, t_mask, cos, sin, j,
+                 j_mask, stride_kh, stride_koh, K_HEADS, BLOCK_KH, HALF)
 
 
-def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-         cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [num_tokens] int; q: [num_tokens, heads, head_dim]; k: [num_tokens, kv_heads,
-    head_dim]; cos_sin_cache: [max_pos, head_dim]. Returns new rotated (q, k)."""
+def check_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               cos_sin_cache: torch.Tensor) -> None:
     check_tensor("positions", positions, dims=1, dtypes=(torch.int64, torch.int32),
                  contiguous=True)
     check_tensor("q", q, dims=3, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, dims=3, dtypes=FLOAT_DTYPES)
     check_tensor("cos_sin_cache", cos_sin_cache, dims=2, dtypes=FLOAT_DTYPES)
     check_same_device(positions, q, k, cos_sin_cache)
-    num_tokens, num_q_heads, head_dim = q.shape
+    num_tokens, _, head_dim = q.shape
     if k.shape[0] != num_tokens or k.shape[2] != head_dim or positions.shape[0] != num_tokens:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and positions "
                          f"{tuple(positions.shape)} disagree")
     if head_dim % 2 or cos_sin_cache.shape[1] != head_dim:
         raise ValueError(f"cos_sin_cache rows ({cos_sin_cache.shape[1]}) must equal the even "
                          f"head_dim ({head_dim})")
+
+
+def tokens_per_program(q: torch.Tensor) -> int:
+    """One token per program on the GPU; the interpreter wants few programs."""
+    return 1 if q.device.type == "cuda" else rows_per_program(q.shape[0], q.shape[2], q.device)
+
+
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+         cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [num_tokens] int; q: [num_tokens, heads, head_dim]; k: [num_tokens, kv_heads,
+    head_dim]; cos_sin_cache: [max_pos, head_dim]. Returns new rotated (q, k)."""
+    check_rope(positions, q, k, cos_sin_cache)
+    num_tokens, num_q_heads, head_dim = q.shape
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if num_tokens:
-        half = head_dim // 2
-        # one token per program on the GPU; the interpreter wants few programs
-        tokens = 1 if q.device.type == "cuda" else rows_per_program(num_tokens, head_dim, q.device)
+        half, tokens = head_dim // 2, tokens_per_program(q)
         _rope_kernel[(triton.cdiv(num_tokens, tokens),)](
             positions, q, k, cos_sin_cache, q_out, k_out, num_tokens,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),

@@ -62,6 +62,6 @@ def test_the_engines_kernels_compile_for_sm90(model_dir):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == sorted([
-        "_kv_write_kernel", "_paged_decode_kernel", "_paged_prefill_kernel",
-        "_quantize_rows_kernel", "_rms_norm_kernel", "_rms_norm_kernel(FP8_OUT)", "_rope_kernel",
+        "_paged_decode_kernel", "_paged_prefill_kernel", "_quantize_rows_kernel",
+        "_rms_norm_kernel", "_rms_norm_kernel(FP8_OUT)", "_rope_write_kv_kernel",
         "_silu_mul_kernel", "_silu_mul_kernel(FP8_OUT)"])

@@ -17,6 +17,7 @@ from kernels.paged_decode import paged_decode
 from kernels.paged_prefill import paged_prefill
 from kernels.rms_norm import rms_norm, rms_norm_fp8
 from kernels.rope import rope
+from kernels.rope_write_kv import rope_write_kv
 from kernels.silu_mul import silu_mul, silu_mul_fp8
 from workers.engine.attention import AttentionMetadata
 from workers.engine.fp8 import QuantizedRows
@@ -60,10 +61,9 @@ class TritonBackend:
     def rope_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """RoPE on q and k, then k and v into the cache by slot; returns the rotated q."""
-        q, k = rope(positions, q, k, cos_sin_cache)
-        kv_write(k, v, k_cache, v_cache, slot_mapping)
-        return q
+        """RoPE on q and k, then k and v into the cache by slot, in one kernel; returns the
+        rotated q."""
+        return rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul(x)
