@@ -136,18 +136,23 @@ def test_replay_matches_eager(dtype):
         # capture writes no KV slot: padded rows use slot -1
         assert all(torch.equal(a, b) for pair, ref in zip(kv_caches, untouched)
                    for a, b in zip(pair, ref))
-        # padded buckets (3 -> 4, 17 -> 20), a full bucket, then a small batch after a big one
-        for n in (3, 17, 20, 1, 3):
-            seq_lens = torch.randint(1, 4 * BLOCK_SIZE, (n,)).tolist()
-            input_ids, positions, meta = decode_batch(seq_lens)
-            eager_caches = [(k.clone(), v.clone()) for k, v in kv_caches]
-            eager = model(input_ids, positions, eager_caches, meta)
-            replayed = runner.run(input_ids, positions, meta)
-            assert replayed.shape == eager.shape
-            torch.testing.assert_close(replayed, eager, atol=3e-2, rtol=3e-2)
-            for (k, v), (k_ref, v_ref) in zip(kv_caches, eager_caches):
-                torch.testing.assert_close(k, k_ref, atol=3e-2, rtol=3e-2)
-                torch.testing.assert_close(v, v_ref, atol=3e-2, rtol=3e-2)
+        check_replays(model, runner.run, kv_caches)
+
+
+def check_replays(eager_step, replay, kv_caches) -> None:
+    """Padded buckets (3 -> 4, 17 -> 20), a full bucket, then a small batch after a big one:
+    each replay gives the eager step's hidden states and writes its keys and values."""
+    for n in (3, 17, 20, 1, 3):
+        seq_lens = torch.randint(1, 4 * BLOCK_SIZE, (n,)).tolist()
+        input_ids, positions, meta = decode_batch(seq_lens)
+        eager_caches = [(k.clone(), v.clone()) for k, v in kv_caches]
+        eager = eager_step(input_ids, positions, eager_caches, meta)
+        replayed = replay(input_ids, positions, meta)
+        assert isinstance(replayed, torch.Tensor) and replayed.shape == eager.shape
+        torch.testing.assert_close(replayed, eager, atol=3e-2, rtol=3e-2)
+        for (k, v), (k_ref, v_ref) in zip(kv_caches, eager_caches):
+            torch.testing.assert_close(k, k_ref, atol=3e-2, rtol=3e-2)
+            torch.testing.assert_close(v, v_ref, atol=3e-2, rtol=3e-2)
 
 
 def tiny_llama(num_layers: int) -> ModelConfig:
@@ -183,17 +188,11 @@ def test_pipeline_stages_replay_what_the_whole_model_computes():
     with torch.inference_mode():
         first.capture()
         last.capture()
-        for n in (3, 17, 20, 1, 3):
-            seq_lens = torch.randint(1, 4 * BLOCK_SIZE, (n,)).tolist()
-            input_ids, positions, meta = decode_batch(seq_lens)
-            eager_caches = [(k.clone(), v.clone()) for k, v in kv_caches]
-            eager = whole(input_ids, positions, eager_caches, meta)
+
+        def through_both_stages(input_ids, positions, meta):
             intermediate = first.run(input_ids, positions, meta)
             assert isinstance(intermediate, tuple) and len(intermediate) == 2
-            replayed = last.run(input_ids, positions, meta, intermediate)
-            assert isinstance(replayed, torch.Tensor) and replayed.shape == eager.shape
-            torch.testing.assert_close(replayed, eager, atol=3e-2, rtol=3e-2)
-            for (k, v), (k_ref, v_ref) in zip(kv_caches, eager_caches):
-                torch.testing.assert_close(k, k_ref, atol=3e-2, rtol=3e-2)
-                torch.testing.assert_close(v, v_ref, atol=3e-2, rtol=3e-2)
+            return last.run(input_ids, positions, meta, intermediate)
+
+        check_replays(whole, through_both_stages, kv_caches)
     assert first.replays == last.replays == 5
