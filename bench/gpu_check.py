@@ -1,4 +1,5 @@
-"""The GPU measurements of the engine, as one run that fits a short lease (about 6 minutes).
+"""The GPU measurements of the engine, as one run that fits a short lease (about 6 minutes for
+the engine tables and tests; each profile stage may take up to 2 more).
 
     OUT=/some/dir python bench/gpu_check.py              # on the GPU machine (bench/gpu_check.sh)
     OUT=/tmp/check python bench/gpu_check.py --dry-run   # the same stages, tiny, on a CPU
@@ -47,6 +48,7 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
                           "torch.cuda.get_device_name(0) if torch.cuda.is_available() else "
                           "'cpu')"], 30)
     runs: list[list[Stage]] = []
+    profiles: list[Stage] = []  # after every engine table: those are the figures the issues ask
     for shape in shapes:
         model = os.path.join(work, shape)
         tag = shape.removeprefix("llama-")
@@ -65,7 +67,7 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
         steady = ["--batch", "4", "--context", "32", "--steps", "3"] if dry else []
         for quantization in ("none", "fp8"):
             name = f"profile_{tag}" + ("_fp8" if quantization == "fp8" else "")
-            runs[-1].append(Stage(name, [py, "bench/gpu_profile.py", "--model", model, *steady,
+            profiles.append(Stage(name, [py, "bench/gpu_profile.py", "--model", model, *steady,
                                          "--quantization", quantization, "--json",
                                          os.path.join(out, f"{name}.json")], 120))
     tokens = "2" if dry else "32"
@@ -76,9 +78,10 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
                                                    else ["tests/kernel", "--ignore", on_smollm2]),
                          200)
     # first what needs no SmolLM2 (a lease's first call carries only half of it): the first
-    # engine table and the kernel tests; then the rest of the tables before the other tests
+    # engine table and the kernel tests; then the rest of the tables, the profiles (the 8B's
+    # first) and the other tests
     tables = [stage for run in runs for stage in run]  # random_1b, engine_1b_none, ...
-    return [info, *tables[:2], kernel_tests, *tables[2:],
+    return [info, *tables[:2], kernel_tests, *tables[2:], *reversed(profiles),
             Stage("fp8_accuracy", pytest + ["-s", "tests/core/test_fp8_accuracy.py", *collect],
                   150, True),
             Stage("core_tests", pytest + ["tests/core/test_fp8.py", "tests/core/test_kv_memory.py",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine's GPU measurements in one run (bench/gpu_check.py); results under $OUT.
 # On the GPU machine, after bench/gpu_pack.sh here and its first call there (see its header):
-#   bash bench/gpu_check.sh [--only a,b | --skip c]   # ~6 minutes for all stages
+#   bash bench/gpu_check.sh [--only a,b | --skip c]   # ~6 minutes, and up to 2 per profile_* stage
 # Anywhere, to check the script itself on tiny shapes:
 #   OUT=/tmp/gpu-check bash bench/gpu_check.sh --dry-run
 set -euo pipefail
