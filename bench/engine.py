@@ -69,7 +69,7 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
     peak, bandwidth = matmul_peak(runner.dtype, device, fp8), copy_bandwidth(device)
     recorder = StepRecorder()
     recorder.attach(runner)
-    replays_before = runner.graphs.replays
+    replays_before, piecewise_before = runner.graphs.replays, runner.piecewise.replays
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                             ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -96,6 +96,7 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
               "num_kv_blocks": runner.num_blocks, "steps": len(recorder.steps),
               "decode_steps": decode_steps,
               "graph_steps": runner.graphs.replays - replays_before,
+              "piecewise_steps": runner.piecewise.replays - piecewise_before,
               "preemptions": engine.scheduler.num_preemptions}
     engine.close()
     del llm, engine, runner

@@ -55,14 +55,16 @@ def section(found_by_stage: dict, tag: str) -> str | None:
         rows.append([f"Pagoda engine ({r['backend']} attention), {steps}", dtype, quantization,
                      f"{r['tok_s']:.0f}", f"{r['roofline_tok_s']:.0f}", f"{r['of_roofline']:.0%}",
                      f"{r['device_idle']:.1%}", f"{r['outside_forward']:.1%}", r["preemptions"],
-                     f"{r['graph_steps']}/{r['decode_steps']}", r["num_kv_blocks"]])
+                     f"{r['graph_steps']}/{r['decode_steps']}", r.get("piecewise_steps", ""),
+                     r["num_kv_blocks"]])
         limits.append(f"{quantization}, {steps}: matmul peak {r['peak'] / 1e12:.0f} TFLOP/s, copy "
                       f"bandwidth {r['bandwidth'] / 1e12:.2f} TB/s")
     if not rows:
         return None
     table = markdown_table(["system", "dtype", "weights", "output tok/s", "roofline tok/s",
                             "of roofline", "device idle", "outside forward", "preemptions",
-                            "decode steps in CUDA graphs", "KV blocks"], rows)
+                            "decode steps in CUDA graphs", "mixed steps in piecewise graphs",
+                            "KV blocks"], rows)
     return (f"{table}\n\n64 requests, prompts of 16-512 tokens, 128 output tokens each (EOS "
             f"ignored), greedy, after a warm-up pass. Random weights with the layer shapes of "
             f"{LIKE[tag]} (`bench/random_model.py`); with EOS ignored, speed does not depend on "

@@ -39,6 +39,9 @@ def test_graph_reserve_scales_with_the_largest_bucket():
     assert graph_reserve_bytes(4 * GiB, 8192, 256, cuda_graphs=False) == 0
     assert graph_reserve_bytes(4 * GiB, 8192, 256, True) == GiB // 8 + GRAPH_SLACK_BYTES
     assert graph_reserve_bytes(GiB, 64, 256, True) == GiB + GRAPH_SLACK_BYTES
+    # mixed steps' piecewise graphs: a second pool, and the outputs each stretch keeps
+    assert graph_reserve_bytes(4 * GiB, 8192, 256, True, 512, 3 * GiB) == \
+        GiB // 8 + GiB // 4 + 3 * GiB + GRAPH_SLACK_BYTES
 
 
 def test_blocks_for_bytes_rounds_down():

@@ -4,8 +4,8 @@
 `gpu_memory_utilization`: the engine may hold that share of the device's total memory, and
 the KV cache gets what is left of it once the weights are loaded (everything the device holds
 at that point counts, other processes too), a profiled step at `max_num_batched_tokens` has
-shown its peak activation memory, and room is kept for the decode CUDA graphs. Off CUDA the
-cache gets CPU_KV_CACHE_GB.
+shown its peak activation memory, and room is kept for the CUDA graphs (decode and mixed
+steps). Off CUDA the cache gets CPU_KV_CACHE_GB.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from workers.engine.config import CPU_KV_CACHE_GB, EngineConfig
+from workers.engine.piecewise_graph import held_bytes, token_buckets
 from workers.engine.step_plan import StepPlan
 
 log = logging.getLogger("pagoda.engine")
@@ -38,13 +39,19 @@ def kv_cache_bytes(memory: DeviceMemory, utilization: float, graph_reserve: int)
 
 
 def graph_reserve_bytes(peak_activation: int, profiled_tokens: int, max_num_seqs: int,
-                        cuda_graphs: bool) -> int:
-    """The decode graphs share one pool sized by the largest bucket: max_num_seqs tokens'
-    share of the profiled step's activations, plus fixed slack."""
+                        cuda_graphs: bool, piecewise_tokens: int = 0,
+                        piecewise_held: int = 0) -> int:
+    """Two pools, each sized by its largest bucket's share of the profiled step's
+    activations: the decode graphs' (max_num_seqs tokens) and the mixed steps' piecewise
+    graphs' (piecewise_tokens), which also keep every stretch's outputs (piecewise_held);
+    plus fixed slack."""
     if not cuda_graphs:
         return 0
-    return peak_activation * min(max_num_seqs, profiled_tokens) // profiled_tokens \
-        + GRAPH_SLACK_BYTES
+
+    def share(tokens: int) -> int:
+        return peak_activation * min(tokens, profiled_tokens) // profiled_tokens
+
+    return share(max_num_seqs) + share(piecewise_tokens) + piecewise_held + GRAPH_SLACK_BYTES
 
 
 def blocks_for_bytes(nbytes: float, block_bytes: int) -> int:
@@ -113,7 +120,9 @@ def blocks_from_free_memory(runner, block_bytes: int, graphs: bool) -> tuple[int
     runner.kv_caches = []
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(dev)
-    reserve = graph_reserve_bytes(peak, plan.num_tokens, c.max_num_seqs, graphs)
+    tokens = token_buckets(c.max_num_batched_tokens)[-1]
+    reserve = graph_reserve_bytes(peak, plan.num_tokens, c.max_num_seqs, graphs, tokens,
+                                  held_bytes(runner.model, tokens, runner.dtype))
     nbytes = kv_cache_bytes(DeviceMemory(total, free, peak), c.gpu_memory_utilization, reserve)
     blocks = blocks_for_bytes(nbytes, block_bytes)
     if runner.ctx.world_size > 1:

@@ -86,18 +86,27 @@ class Attention(nn.Module):
                                   bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)  # row-parallel
 
-    def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata, rope_cache,
-                backend) -> torch.Tensor:
+    def project_qkv(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata, rope_cache,
+                    backend) -> torch.Tensor:
+        """The rotated queries [tokens, heads, head_dim]; the rotated keys and the values go
+        into the cache (of `meta`, only the slot mapping is read)."""
         qkv = self.qkv_proj(x)
         n = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q = backend.rope_write_kv(positions, q, k, v, rope_cache, kv_cache[0], kv_cache[1],
-                                  meta.slot_mapping)
+        return backend.rope_write_kv(positions, q, k, v, rope_cache, kv_cache[0], kv_cache[1],
+                                     meta.slot_mapping)
+
+    def attend(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+               backend) -> torch.Tensor:
+        """Attention over the cache: [tokens, q_size]."""
         o = backend.attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.ctx.all_reduce(self.o_proj(o.reshape(n, self.q_size)))
+        return o.reshape(q.shape[0], self.q_size)
+
+    def project_out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.ctx.all_reduce(self.o_proj(o))
 
 
 class MLP(nn.Module):
@@ -127,11 +136,25 @@ class DecoderLayer(nn.Module):
         self.fp8_inputs = False
 
     def forward(self, x, residual, positions, kv_cache, meta, rope_cache, backend):
-        norm = backend.rms_norm_fp8 if self.fp8_inputs else backend.rms_norm
-        h, residual = norm(x, self.input_layernorm, self.eps, residual)
-        h = self.self_attn(h, positions, kv_cache, meta, rope_cache, backend)
-        h, residual = norm(h, self.post_attention_layernorm, self.eps, residual)
+        q, residual = self.before_attention(x, residual, positions, kv_cache, meta, rope_cache,
+                                            backend)
+        o = self.self_attn.attend(q, kv_cache, meta, backend)
+        return self.after_attention(o, residual, backend)
+
+    def before_attention(self, x, residual, positions, kv_cache, meta, rope_cache, backend):
+        """Input norm, then q/k/v: (rotated queries, residual); K/V go into the cache."""
+        h, residual = self._norm(backend)(x, self.input_layernorm, self.eps, residual)
+        return self.self_attn.project_qkv(h, positions, kv_cache, meta, rope_cache,
+                                          backend), residual
+
+    def after_attention(self, o, residual, backend):
+        """Output projection, post-attention norm and MLP: (hidden, residual)."""
+        h, residual = self._norm(backend)(self.self_attn.project_out(o),
+                                          self.post_attention_layernorm, self.eps, residual)
         return self.mlp(h, backend), residual
+
+    def _norm(self, backend):
+        return backend.rms_norm_fp8 if self.fp8_inputs else backend.rms_norm
 
 
 class CausalLM(nn.Module):
@@ -178,18 +201,26 @@ class CausalLM(nn.Module):
                 intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Hidden states after the final norm on the last stage; on earlier stages the
         (hidden, residual) pair the next stage continues from."""
-        if intermediate is None:
-            assert self.embed_tokens is not None, "only the first stage starts from token ids"
-            x, residual = self.embed_tokens(input_ids), None
-        else:
-            x, residual = intermediate
+        x, residual = self.start(input_ids, intermediate)
         for layer, kv_cache in zip(self.layers.values(), kv_caches, strict=False):
             x, residual = layer(x, residual, positions, kv_cache, meta, self.rope_cache,
                                 self.backend)
+        return self.finish(x, residual)
+
+    def start(self, input_ids: torch.Tensor,
+              intermediate: tuple[torch.Tensor, ...] | None = None) -> tuple:
+        """(hidden, residual) before the first layer: embedded tokens, or what the previous
+        pipeline stage passed on."""
+        if intermediate is None:
+            assert self.embed_tokens is not None, "only the first stage starts from token ids"
+            return self.embed_tokens(input_ids), None
+        return intermediate
+
+    def finish(self, x: torch.Tensor, residual: torch.Tensor):
+        """After the last layer: the final norm's output, or (hidden, residual) to pass on."""
         if self.norm is None:
             return x, residual
-        x, _ = self.backend.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
-        return x
+        return self.backend.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)[0]
 
     @property
     def head_weight(self) -> torch.Tensor:

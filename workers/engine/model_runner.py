@@ -41,6 +41,7 @@ from workers.engine.kv_memory import blocks_from_free_memory, configured_blocks,
 from workers.engine.loader import load_weights
 from workers.engine.model import CausalLM, ModelConfig
 from workers.engine.packed_linear import PackedLinear, pack_linears, packing_supported
+from workers.engine.piecewise_graph import PiecewiseGraphRunner
 from workers.engine.scheduler import ScheduledBatch
 from workers.engine.step_logits import StepLogits, receive_logits, step_logits
 from workers.engine.step_plan import StepPlan, receive_plan, send_plan, start_sending_plan
@@ -124,15 +125,20 @@ class ModelRunner:
         graphs = config.cuda_graphs and self.backend.name != "torch"
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: CudaGraphRunner | None = None  # captured once the KV cache exists
+        self.piecewise: PiecewiseGraphRunner | None = None
         self.num_blocks = self._size_kv_cache(graphs)
         self.kv_caches = self._allocate_kv()
+        stage_input = None if self.ctx.is_first_stage else \
+            (self.model_config.hidden_size, self.dtype)
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches,
             GraphShape(config.max_num_seqs, config.max_blocks_per_seq, config.context_len),
-            self.device, enabled=graphs,
-            stage_input=None if self.ctx.is_first_stage else
-            (self.model_config.hidden_size, self.dtype))
+            self.device, enabled=graphs, stage_input=stage_input)
         self.graphs.capture()
+        self.piecewise = PiecewiseGraphRunner(
+            self.model, self.kv_caches, config.max_num_batched_tokens, self.device, self.dtype,
+            enabled=graphs, stage_input=stage_input)
+        self.piecewise.capture()
 
     def prepare_thread(self) -> None:
         prepare_step_thread(self.device)
@@ -284,10 +290,12 @@ class ModelRunner:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata, intermediate: tuple[torch.Tensor, ...] | None):
-        """This stage's layers: from a CUDA graph when one fits the batch, else eagerly."""
-        if self.graphs is not None and self.graphs.can_run(meta):
-            wait_all(self.sends)  # the replay overwrites the output a send may still be reading
-            return self.graphs.run(input_ids, positions, meta, intermediate)
+        """This stage's layers: from CUDA graphs when they fit the batch (whole for decodes,
+        piecewise with a prefill), else eagerly."""
+        for graphs in (self.graphs, self.piecewise):
+            if graphs is not None and graphs.can_run(meta):
+                wait_all(self.sends)  # a replay overwrites the output a send may still read
+                return graphs.run(input_ids, positions, meta, intermediate)
         # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would
         # leak into the caller's other float code, so it is on only while the forward runs.
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
