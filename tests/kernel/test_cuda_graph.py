@@ -88,9 +88,9 @@ def test_stage_pads_rows_to_the_bucket():
         input_ids, positions, meta = decode_batch(lens)
         size = runner.stage(input_ids, positions, meta)
     assert size == 4
-    assert runner.input_ids[:3].tolist() == input_ids.tolist()
-    assert runner.positions[:3].tolist() == positions.tolist()
-    assert runner.slot_mapping[:4].tolist() == meta.slot_mapping.tolist() + [-1]
+    assert runner.inputs.input_ids[:3].tolist() == input_ids.tolist()
+    assert runner.inputs.positions[:3].tolist() == positions.tolist()
+    assert runner.inputs.slot_mapping[:4].tolist() == meta.slot_mapping.tolist() + [-1]
     assert runner.seq_lens[:4].tolist() == [5, 70, 20, 0]
     width = meta.block_tables.shape[1]
     assert torch.equal(runner.block_tables[:3, :width], meta.block_tables.cpu())
@@ -102,9 +102,9 @@ def test_a_later_stage_stages_the_previous_stages_hidden_states():
     input_ids, positions, meta = decode_batch([5, 70, 20])
     hidden, residual = torch.randn(3, 4), torch.randn(3, 4)
     assert runner.stage(input_ids, positions, meta, (hidden, residual)) == 4
-    assert runner.intermediate is not None
-    assert torch.equal(runner.intermediate[0][:3], hidden)
-    assert torch.equal(runner.intermediate[1][:3], residual)
+    assert runner.inputs.intermediate is not None
+    assert torch.equal(runner.inputs.intermediate[0][:3], hidden)
+    assert torch.equal(runner.inputs.intermediate[1][:3], residual)
     with pytest.raises(ValueError, match="previous stage"):
         runner.stage(input_ids, positions, meta)
     first = CudaGraphRunner(lambda *args: None, [], GraphShape(8, 16, 256), "cpu")

@@ -136,8 +136,8 @@ def test_staging_pads_slots_and_checks_the_stage_inputs():
         input_ids, positions, meta = mixed_batch(query_lens, seq_lens)
         size = runner.stage(input_ids, positions, meta)
     assert size == 16
-    assert runner.slot_mapping[:16].tolist() == meta.slot_mapping.tolist() + [-1] * 9
-    assert runner.input_ids[:7].tolist() == input_ids.tolist()
+    assert runner.inputs.slot_mapping[:16].tolist() == meta.slot_mapping.tolist() + [-1] * 9
+    assert runner.inputs.input_ids[:7].tolist() == input_ids.tolist()
     with pytest.raises(ValueError, match="previous stage"):
         runner.stage(input_ids, positions, meta, (torch.zeros(7, 128),) * 2)
     with pytest.raises(ValueError, match="no piecewise bucket"):

@@ -18,15 +18,14 @@ model is called as `model(input_ids, positions, kv_caches, meta, (hidden, residu
 before the last returns its `(hidden, residual)` pair, so `run` does too; the sends and
 receives between stages stay outside the graphs.
 
-A batch of n sequences replays the smallest bucket b >= n. Its padded rows get input id 0,
-position 0, slot `pad_slot` and seq_len 0, so attention reads no key for them. Our Triton
-`kv_write` (TritonBackend and FlashBackend) skips slot -1; TorchBackend would index slot -1 from
+A batch of n sequences replays the smallest bucket b >= n. Its padded rows get slot
+`pad_slot` and seq_len 0, so they write no key and attention reads none for them (their ids and
+positions keep earlier, valid values: `graph_inputs.StaticInputs`). Our Triton K/V writes
+(TritonBackend and FlashBackend) skip slot -1; TorchBackend would index slot -1 from
 the end, so with it reserve one dummy KV block and pass its first slot as `pad_slot`.
 Inside the graph `meta.max_seq_len` is `max_model_len` (paged decode only sizes its split-K
 grid from it) and the `*_cpu` lists describe the bucket, not the live batch: the model's
-decode path must read only the device tensors. Padded rows of a later stage's hidden states keep
-what an earlier batch left there: finite values, in rows whose results nobody reads. On CPU the
-runner is disabled.
+decode path must read only the device tensors. On CPU the runner is disabled.
 """
 from __future__ import annotations
 
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.engine.attention import AttentionMetadata
+from workers.engine.graph_inputs import StaticInputs
 
 log = logging.getLogger("pagoda.engine")
 
@@ -74,25 +74,16 @@ class CudaGraphRunner:
         self.shape = shape
         self.device = torch.device(device)
         self.enabled = enabled and self.device.type == "cuda"
-        self.pad_slot = pad_slot
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, StageOutput] = {}
         self.replays = 0  # decode steps run from a graph
         self.pool_bytes = 0  # device memory the captured graphs took
         # the static inputs exist on every device, so the padding is checked without a GPU
         n, width, dev = shape.max_num_seqs, shape.max_blocks_per_seq, self.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), pad_slot, dtype=torch.int64, device=dev)
+        self.inputs = StaticInputs(n, dev, pad_slot, stage_input)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        # a later pipeline stage's inputs: the previous stage's hidden states and residual
-        self.intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
-        if stage_input is not None:
-            hidden_size, dtype = stage_input
-            hidden = torch.zeros(n, hidden_size, dtype=dtype, device=dev)
-            self.intermediate = (hidden, torch.zeros_like(hidden))
 
     def capture(self) -> None:
         """Captures every bucket, largest first so the smaller ones reuse its memory pool."""
@@ -102,9 +93,10 @@ class CudaGraphRunner:
         pool = None
         for size in reversed(self.shape.buckets):
             meta = self._meta(size)
-            args: tuple = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-            if self.intermediate is not None:
-                args += (tuple(t[:size] for t in self.intermediate),)
+            args: tuple = (self.inputs.input_ids[:size], self.inputs.positions[:size],
+                           self.kv_caches, meta)
+            if self.inputs.intermediate is not None:
+                args += (self.inputs.stage_args(size),)
             # warm-up compiles kernels; padded inputs write and read no KV slot
             self.model(*args)
             torch.cuda.synchronize(self.device)
@@ -139,15 +131,7 @@ class CudaGraphRunner:
         """Copy a decode batch into the static inputs, pad them to its bucket; the bucket."""
         n = meta.num_seqs
         size = self.shape.bucket(n)
-        if (intermediate is None) != (self.intermediate is None):
-            raise ValueError("a later pipeline stage's graphs run from the previous stage's "
-                             "(hidden, residual), and only they do")
-        for static, given in zip(self.intermediate or (), intermediate or (), strict=True):
-            static[:n].copy_(given, non_blocking=True)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:size].fill_(self.pad_slot)
+        self.inputs.copy_in(size, input_ids, positions, meta.slot_mapping, intermediate)
         self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
         self.seq_lens[n:size].fill_(0)
         # entries past a row's last block are never read, so stale ones may stay
@@ -157,7 +141,7 @@ class CudaGraphRunner:
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=self.inputs.slot_mapping[:size],
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size],

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from workers.engine.attention import AttentionMetadata
+from workers.engine.graph_inputs import StaticInputs
 
 log = logging.getLogger("pagoda.engine")
 
@@ -63,20 +64,12 @@ class PiecewiseGraphRunner:
         self.device = torch.device(device)
         self.graphs = graphs and self.device.type == "cuda"
         self.enabled = enabled and (self.device.type == "cuda" or not graphs)
-        self.pad_slot = pad_slot
         self.captured: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.outputs: dict[int, list] = {}  # each stretch's outputs, per bucket
         self.replays = 0  # steps run from these graphs
         n, dev = self.buckets[-1], self.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), pad_slot, dtype=torch.int64, device=dev)
+        self.inputs = StaticInputs(n, dev, pad_slot, stage_input)
         self.attn_out = torch.zeros(n, self.layers[0].self_attn.q_size, dtype=dtype, device=dev)
-        self.intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
-        if stage_input is not None:
-            hidden_size, hidden_dtype = stage_input
-            hidden = torch.zeros(n, hidden_size, dtype=hidden_dtype, device=dev)
-            self.intermediate = (hidden, torch.zeros_like(hidden))
 
     def capture(self) -> None:
         """Every bucket's stretches. Where that fails, mixed steps run eagerly: slower, not
@@ -154,17 +147,8 @@ class PiecewiseGraphRunner:
     def stage(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
               intermediate: tuple[torch.Tensor, ...] | None = None) -> int:
         """Copy a step's tokens into the static inputs, padded to its bucket; the bucket."""
-        n = input_ids.shape[0]
-        size = self.bucket(n)
-        if (intermediate is None) != (self.intermediate is None):
-            raise ValueError("a later pipeline stage's graphs run from the previous stage's "
-                             "(hidden, residual), and only they do")
-        for static, given in zip(self.intermediate or (), intermediate or (), strict=True):
-            static[:n].copy_(given, non_blocking=True)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:size].fill_(self.pad_slot)
+        size = self.bucket(input_ids.shape[0])
+        self.inputs.copy_in(size, input_ids, positions, meta.slot_mapping, intermediate)
         return size
 
     def _stretches(self, size: int) -> list[Callable[..., tuple | torch.Tensor]]:
@@ -172,15 +156,14 @@ class PiecewiseGraphRunner:
         inputs; each but the last returns (queries, residual)."""
         model, kv, layers = self.model, self.kv_caches, self.layers
         backend, rope = model.backend, model.rope_cache
-        ids, positions = self.input_ids[:size], self.positions[:size]
+        ids, positions = self.inputs.input_ids[:size], self.inputs.positions[:size]
         # before attention only the slot mapping is read
         none = ids[:0]
-        meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size], query_start_loc=none,
+        meta = AttentionMetadata(slot_mapping=self.inputs.slot_mapping[:size], query_start_loc=none,
                                  seq_lens=none, block_tables=none, query_start_loc_cpu=[],
                                  query_lens_cpu=[], seq_lens_cpu=[], max_query_len=0,
                                  max_seq_len=0)
-        intermediate = None if self.intermediate is None else \
-            tuple(t[:size] for t in self.intermediate)
+        intermediate = self.inputs.stage_args(size)
 
         def first() -> tuple:
             x, residual = model.start(ids, intermediate)
