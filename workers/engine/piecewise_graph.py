@@ -11,7 +11,7 @@ into one static buffer the next stretch reads. A step of n tokens replays the sm
 that holds it: padded tokens get slot `pad_slot` (no K/V written), and attention sees only the
 n real ones.
 
-    runner = PiecewiseGraphRunner(model, kv_caches, max_tokens, device, enabled=True)
+    runner = PiecewiseGraphRunner(model, kv_caches, max_tokens, device, dtype)
     runner.capture()                      # after the decode graphs, on the same device
     if runner.can_run(meta):              # a step with a prefill and at most max_tokens tokens
         hidden = runner.run(input_ids, positions, meta)
