@@ -9,10 +9,14 @@ from kernels.launch import FLOAT_DTYPES, check_same_device, check_tensor, rows_p
 
 
 @triton.jit
-def cos_sin_tile(positions_ptr, cos_sin_ptr, token, t_mask, stride_cs, HALF: tl.constexpr,
-             BLOCK_HALF: tl.constexpr):
-    """cos and sin of a tile of tokens' positions [TOKENS, 1, BLOCK_HALF], read once per token
-    and shared by every q and k head; and the half-dim offsets j with their mask."""
+def rope_tile(positions_ptr, cos_sin_ptr, num_tokens, stride_cs, HALF: tl.constexpr,
+              BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr):
+    """This program's tile of tokens and their mask; the cos and sin of their positions
+    [TOKENS, 1, BLOCK_HALF], read once per token and shared by every q and k head; and the
+    half-dim offsets j with their mask."""
+    token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    t_mask = token < num_tokens
+    token = token.to(tl.int64)
     pos = tl.load(positions_ptr + token, mask=t_mask, other=0).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
     j_mask = j < HALF
@@ -20,12 +24,12 @@ def cos_sin_tile(positions_ptr, cos_sin_ptr, token, t_mask, stride_cs, HALF: tl.
     cs_row = cos_sin_ptr + pos[:, None] * stride_cs + j[None, :]
     cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
     sin = tl.load(cs_row + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    return cos, sin, j, j_mask
+    return token, t_mask, cos, sin, j, j_mask
 
 
 @triton.jit
 def rotate_heads(x_ptr, out_ptr, x_rows, o_rows, t_mask, cos, sin, j, j_mask, stride_xh,
-                  stride_oh, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+                 stride_oh, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
     """Rotates all heads of a tile of tokens [TOKENS, BLOCK_H, BLOCK_HALF]; x_rows and o_rows
     are each token's offset in the input and output."""
     h = tl.arange(0, BLOCK_H)[None, :, None]
@@ -46,11 +50,8 @@ def _rope_kernel(
     Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK_QH: tl.constexpr,
     BLOCK_KH: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr,
 ):
-    token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-    t_mask = token < num_tokens
-    token = token.to(tl.int64)
-    cos, sin, j, j_mask = cos_sin_tile(positions_ptr, cos_sin_ptr, token, t_mask, stride_cs,
-                                       HALF, BLOCK_HALF)
+    token, t_mask, cos, sin, j, j_mask = rope_tile(positions_ptr, cos_sin_ptr, num_tokens,
+                                                   stride_cs, HALF, BLOCK_HALF, TOKENS)
     rotate_heads(q_ptr, q_out_ptr, token * stride_qt, token * stride_qot, t_mask, cos, sin, j,
                  j_mask, stride_qh, stride_qoh, Q_HEADS, BLOCK_QH, HALF)
     rotate_heads(k_ptr, k_out_ptr, token * stride_kt, token * stride_kot, t_mask, cos, sin, j,

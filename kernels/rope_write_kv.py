@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_write import check_kv_write
-from kernels.rope import check_rope, cos_sin_tile, rotate_heads, tokens_per_program
+from kernels.rope import check_rope, rope_tile, rotate_heads, tokens_per_program
 
 
 @triton.jit
@@ -25,11 +25,8 @@ def _rope_write_kv_kernel(
     BLOCK_KH: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TOKENS: tl.constexpr,
 ):
-    token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-    t_mask = token < num_tokens
-    token = token.to(tl.int64)
-    cos, sin, j, j_mask = cos_sin_tile(positions_ptr, cos_sin_ptr, token, t_mask, stride_cs,
-                                       HALF, BLOCK_HALF)
+    token, t_mask, cos, sin, j, j_mask = rope_tile(positions_ptr, cos_sin_ptr, num_tokens,
+                                                   stride_cs, HALF, BLOCK_HALF, TOKENS)
     rotate_heads(q_ptr, q_out_ptr, token * stride_qt, token * stride_qot, t_mask, cos, sin, j,
                  j_mask, stride_qh, stride_qoh, Q_HEADS, BLOCK_QH, HALF)
     slot = tl.load(slot_mapping_ptr + token, mask=t_mask, other=-1).to(tl.int64)
