@@ -294,8 +294,9 @@ class ModelRunner:
         piecewise with a prefill), else eagerly."""
         for graphs in (self.graphs, self.piecewise):
             if graphs is not None and graphs.can_run(meta):
-                wait_all(self.sends)  # a replay overwrites the output a send may still read
-                return graphs.run(input_ids, positions, meta, intermediate)
+                out = graphs.run(input_ids, positions, meta, intermediate)
+                # the next replay overwrites these buffers while their send may be in flight
+                return out if self.ctx.is_last_stage else tuple(t.clone() for t in out)
         # Denormal floats make x86 matmuls up to 2x slower. The flag is per thread and would
         # leak into the caller's other float code, so it is on only while the forward runs.
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
