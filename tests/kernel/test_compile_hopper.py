@@ -13,6 +13,9 @@ import sys
 
 import pytest
 
+from kernels.fp8_matmul import TILES
+
+HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 COMPILE_ONLY = """
 import os, sys
 import triton
@@ -26,14 +29,20 @@ class Hopper:  # the active driver, as far as compiling needs one
 
 triton.runtime.driver.set_active(Hopper())
 compiled = set()
+shared, matmul_wgmma = [], []
 run = jit.JITFunction.run
 
 def compile_only(self, *args, grid, warmup, **kwargs):
     compiled.add(self.__name__ + ("(FP8_OUT)" if kwargs.get("FP8_OUT") else ""))
-    return run(self, *args, grid=grid, warmup=True, **kwargs)
+    kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+    shared.append(kernel.metadata.shared)
+    if self.__name__ == "_fp8_matmul_kernel":
+        matmul_wgmma.append("wgmma" in kernel.asm["ptx"])
+    return kernel
 
 jit.JITFunction.run = compile_only
 import torch
+import kernels.fp8_matmul
 import kernels.fp8_quant
 import workers.engine.triton_backend  # decorated for the compiler: no interpreter yet
 os.environ["TRITON_INTERPRET"] = "1"  # lets the launchers take CPU tensors
@@ -49,7 +58,15 @@ for quantization in (None, "fp8"):
     while engine.has_unfinished():
         engine.step()
 kernels.fp8_quant.quantize_rows(torch.randn(8, 576, dtype=torch.bfloat16))
+# the FP8 matmul the engine may pick on Hopper: every tile, for decode and prefill row counts
+a, a_scale = kernels.fp8_quant.quantize_rows(torch.randn(200, 512))
+b, b_scale = kernels.fp8_quant.quantize_rows(torch.randn(256, 512))
+for rows in (16, 200):
+    for block_n, block_k in kernels.fp8_matmul.TILES:
+        kernels.fp8_matmul.fp8_matmul(a[:rows], a_scale[:rows], b, b_scale,
+                                      block_n=block_n, block_k=block_k)
 print(" ".join(sorted(compiled)))
+print(max(shared), len(matmul_wgmma), all(matmul_wgmma))
 """
 
 
@@ -61,7 +78,12 @@ def test_the_engines_kernels_compile_for_sm90(model_dir):
                           cwd=root, env={**env, "PYTHONPATH": root}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == sorted([
-        "_paged_decode_kernel", "_paged_prefill_kernel", "_quantize_rows_kernel",
-        "_rms_norm_kernel", "_rms_norm_kernel(FP8_OUT)", "_rope_write_kv_kernel",
-        "_silu_mul_kernel", "_silu_mul_kernel(FP8_OUT)"])
+    names, sizes = done.stdout.splitlines()[-2:]
+    assert names.split() == sorted([
+        "_fp8_matmul_kernel", "_paged_decode_kernel", "_paged_prefill_kernel",
+        "_quantize_rows_kernel", "_rms_norm_kernel", "_rms_norm_kernel(FP8_OUT)",
+        "_rope_write_kv_kernel", "_silu_mul_kernel", "_silu_mul_kernel(FP8_OUT)"])
+    most_shared, matmuls, wgmma = sizes.split()
+    assert int(most_shared) <= HOPPER_SHARED_BYTES  # else the launch fails on the GPU
+    # every FP8 matmul variant runs on Hopper's warpgroup tensor-core instructions
+    assert int(matmuls) == 2 * len(TILES) and wgmma == "True"
