@@ -11,6 +11,7 @@ rank (bench/parallel.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -97,7 +98,8 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
               "decode_steps": decode_steps,
               "graph_steps": runner.graphs.replays - replays_before,
               "piecewise_steps": runner.piecewise.replays - piecewise_before,
-              "preemptions": engine.scheduler.num_preemptions}
+              "preemptions": engine.scheduler.num_preemptions,
+              "fp8_matmuls": [dataclasses.asdict(c) for c in runner.fp8_matmuls]}
     engine.close()
     del llm, engine, runner
     gc.collect()

@@ -63,7 +63,8 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
             runs[-1].append(Stage(name, [py, "bench/engine.py", "--model", model, *engine,
                                          "--quantization", quantization, "--async-scheduling",
                                          overlap, "--json", os.path.join(out, f"{name}.json")],
-                                  200 if tag == "8b" else 120))
+                                  # fp8 first times its matmuls (and compiles Triton's)
+                                  (200 if tag == "8b" else 120) + 30 * (quantization == "fp8")))
         steady = ["--batch", "4", "--context", "32", "--steps", "3"] if dry else []
         for quantization in ("none", "fp8"):
             name = f"profile_{tag}" + ("_fp8" if quantization == "fp8" else "")

@@ -3,8 +3,9 @@
     python bench/gpu_results.py /work/.device/N    # the folder bench/gpu_check.py wrote ($OUT)
 
 Each shape gets one table: overlapped steps (the default on CUDA), plain steps, and FP8
-weights with overlapped steps, all from the same run of the check; and, where the check
-profiled it, where a steady decode step's device time goes (bf16 and FP8 weights).
+weights with overlapped steps, all from the same run of the check; where the check profiled
+it, where a steady decode step's device time goes (bf16 and FP8 weights); and the FP8 matmuls
+the engine timed at load to pick one per weight shape.
 """
 from __future__ import annotations
 
@@ -94,6 +95,30 @@ def profile_section(found_by_stage: dict, tag: str, top: int = 12) -> str | None
                                   "written by `bench/gpu_results.py`.\n")
 
 
+def fp8_matmul_section(found_by_stage: dict, tag: str) -> str | None:
+    """Each FP8 matmul's device time per call, as the engine measured them at load to pick one
+    per weight shape and row class (`workers/engine/fp8_matmul_choice.py`)."""
+    found = found_by_stage.get(f"engine_{tag}_fp8")
+    choices = next(iter(found.values())).get("fp8_matmuls") if found else None
+    if not choices:
+        return None
+    names = list(next(iter(choices[0]["micros"].values())))
+    rows = []
+    for choice in choices:
+        for count, micros in choice["micros"].items():
+            rows.append([f"{choice['out_features']}x{choice['in_features']} "
+                         f"(x{choice['layers']})", count,
+                         *("failed" if micros[n] is None else f"{micros[n]:.1f}" for n in names),
+                         choice["picked"][count]])
+    return (markdown_table(["weight (out x in)", "rows", *(f"{n} (us)" for n in names),
+                            "picked"], rows)
+            + f"\n\nRandom weights with the layer shapes of {LIKE[tag]}, E4M3. Device time per "
+            "call, replayed from a CUDA graph that walks every layer of the shape in turn; "
+            "`scaled_mm` is `torch._scaled_mm` with row-wise scales, `cublas` its tensor-wise "
+            "matmul with unit scales then scaled, `triton_NxK` `kernels/fp8_matmul.py` with "
+            "tiles N outputs wide and K deep. Written by `bench/gpu_results.py`.\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folder")
@@ -107,6 +132,10 @@ def main() -> None:
         body = profile_section(found_by_stage, tag)
         if body:
             update_section(f"Decode step kernels (cuda, llama-{tag}-random)", body, stamp)
+            print(body)
+        body = fp8_matmul_section(found_by_stage, tag)
+        if body:
+            update_section(f"FP8 matmuls (cuda, llama-{tag}-random)", body, stamp)
             print(body)
 
 

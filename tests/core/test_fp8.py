@@ -18,6 +18,7 @@ from workers.engine.fp8 import (
     dequantize,
     quantize_linears,
     quantize_rows,
+    scaled_mm_rowwise,
 )
 from workers.engine.model import CausalLM, ModelConfig
 
@@ -141,7 +142,7 @@ def test_fp8_linear_computes_the_quantized_product(bias, scaled_mm):
     """Both paths (CPU's `_scaled_mm` reference kernel, the one CUDA runs, and the dequantized
     matmul) give the product of the quantized activations and weights."""
     linear, fp8 = linear_pair(bias)
-    fp8.use_scaled_mm = scaled_mm
+    fp8.matmuls = [(0, scaled_mm_rowwise)] if scaled_mm else []
     x = torch.randn(3, 5, 256)
     with torch.inference_mode():
         out = fp8(x)
@@ -182,7 +183,7 @@ def test_cuda_quantizes_like_the_cpu_and_multiplies_the_quantized_values():
     assert torch.equal(scale.cpu(), cpu_scale)
     linear = nn.Linear(256, 96).to("cuda", torch.bfloat16)
     fp8 = Fp8Linear(linear.weight, linear.bias)
-    assert fp8.use_scaled_mm == (torch.cuda.get_device_capability() >= (9, 0))
+    assert bool(fp8.matmuls) == (torch.cuda.get_device_capability() >= (9, 0))
     xb = x.to("cuda", torch.bfloat16)
     with torch.inference_mode():
         out = fp8(xb)
@@ -199,7 +200,7 @@ def test_cuda_quantizes_like_the_cpu_and_multiplies_the_quantized_values():
 def test_fp8_linear_takes_rows_already_quantized(dtype, scaled_mm):
     """The quantized rows a fused kernel hands over give what the plain rows give."""
     _, fp8 = linear_pair(bias=True)
-    fp8.use_scaled_mm = scaled_mm
+    fp8.matmuls = [(0, scaled_mm_rowwise)] if scaled_mm else []
     x = torch.randn(3, 5, 256, dtype=dtype)
     values, scale = quantize_rows(x.reshape(-1, 256))
     rows = QuantizedRows(values.view(3, 5, 256), scale.view(3, 5, 1), dtype)
@@ -235,7 +236,7 @@ def test_only_fp8_linears_after_a_fusing_backend_take_quantized_inputs():
 def test_empty_batch():
     _, fp8 = linear_pair(bias=True)
     for scaled_mm in (False, True):
-        fp8.use_scaled_mm = scaled_mm
+        fp8.matmuls = [(0, scaled_mm_rowwise)] if scaled_mm else []
         assert fp8(torch.randn(0, 256)).shape == (0, 96)
 
 

@@ -35,6 +35,7 @@ from workers.engine.distributed import (
 from workers.engine.dtype import choose_dtype
 from workers.engine.errors import WorkerGroupError
 from workers.engine.fp8 import quantize_linears
+from workers.engine.fp8_matmul_choice import ShapeChoice, choose_matmuls
 from workers.engine.input_batch import InputBatch
 from workers.engine.input_staging import InputStaging
 from workers.engine.kv_memory import blocks_from_free_memory, configured_blocks, log_choice
@@ -103,11 +104,13 @@ class ModelRunner:
         load_weights(model, config.model)
         self.model = model.to(self.dtype).eval()
         self.model.rope_cache = self.model.rope_cache.float()
+        self.fp8_matmuls: list[ShapeChoice] = []  # on FP8 tensor cores: the matmul per shape
         if config.quantization == "fp8":
             quantized = quantize_linears(self.model)
             fused = self.model.fuse_fp8_inputs()
             log.info("fp8: %d linear layers quantized to E4M3, %d of them take their input "
                      "quantized by the kernel before them", quantized, fused)
+            self.fp8_matmuls = choose_matmuls(self.model, self.dtype)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.rank_weight_bytes = self._gather_weight_bytes()
         if packing_supported(self.device, self.dtype):
