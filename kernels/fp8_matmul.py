@@ -2,8 +2,9 @@
 
 a: [M, K] E4M3 activations with one fp32 scale per row; b: [N, K] E4M3 weights with one fp32
 scale per output channel. Each program computes a [BLOCK_M, BLOCK_N] tile of the output over
-the whole of K, adding each BLOCK_K slice's product to an fp32 accumulator: on Hopper the FP8
-tensor cores sum at reduced precision within one instruction, so promoting every 128 elements
+the whole of K into an fp32 accumulator: on Hopper the FP8 tensor cores add at reduced
+precision, so the partial sums are promoted into fp32 every 128 products
+(`max_num_imprecise_acc`, explicit because Triton's default on sm_90 never promotes), which
 keeps the result as exact as the CUTLASS kernel behind `torch._scaled_mm` without fast
 accumulation. The launcher's tile is `block_n` outputs wide and `block_k` deep (`TILES`): at
 decode batch sizes the matmul only streams weights, so narrow tiles give every SM a share of
@@ -39,7 +40,8 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K,
         k_ok = ks < K - k
         a = tl.load(a_tile + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_tile + k, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(a, b)  # a fresh fp32 sum per slice, added at full precision
+        # Hopper's FP8 tensor cores add at reduced precision: into fp32 every 128 products
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=128)
     a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
     b_scale = tl.load(b_scale_ptr + cols, mask=col_ok, other=0.0)
     out = acc * a_scale[:, None] * b_scale[None, :]

@@ -17,7 +17,7 @@ from kernels.fp8_matmul import TILES
 
 HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 COMPILE_ONLY = """
-import os, sys
+import os, re, sys
 import triton
 import triton.runtime.jit as jit
 from triton.backends.compiler import GPUTarget
@@ -37,7 +37,12 @@ def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
     shared.append(kernel.metadata.shared)
     if self.__name__ == "_fp8_matmul_kernel":
-        matmul_wgmma.append("wgmma" in kernel.asm["ptx"])
+        ptx = kernel.asm["ptx"]
+        # each thread's share of the tile is added into fp32 once per 128 products of K
+        promotions = (kwargs["BLOCK_M"] * kwargs["BLOCK_N"] // (32 * kwargs["num_warps"])
+                      * kwargs["BLOCK_K"] // 128)
+        adds = len(re.findall(r"\\badd(\\.rn)?\\.f32\\b", ptx))
+        matmul_wgmma.append("wgmma" in ptx and adds >= promotions)
     return kernel
 
 jit.JITFunction.run = compile_only
@@ -85,5 +90,6 @@ def test_the_engines_kernels_compile_for_sm90(model_dir):
         "_rope_write_kv_kernel", "_silu_mul_kernel", "_silu_mul_kernel(FP8_OUT)"])
     most_shared, matmuls, wgmma = sizes.split()
     assert int(most_shared) <= HOPPER_SHARED_BYTES  # else the launch fails on the GPU
-    # every FP8 matmul variant runs on Hopper's warpgroup tensor-core instructions
+    # every FP8 matmul variant runs on Hopper's warpgroup tensor-core instructions and promotes
+    # their reduced-precision sums into fp32 (without it: no add per 128 products)
     assert int(matmuls) == 2 * len(TILES) and wgmma == "True"
