@@ -54,10 +54,12 @@ def make_prompts(tokenizer, num: int, seed: int = 0) -> list[list[int]]:
 
 def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
                quantization: str | None = None, async_scheduling: bool | None = None,
-               temperature: float = 0.0, top_p: float = 1.0) -> dict:
+               temperature: float = 0.0, top_p: float = 1.0,
+               kv_cache_dtype: str = "auto") -> dict:
     llm = LLM(EngineConfig(model=model, device=device, max_num_seqs=len(prompts), dtype=dtype,
                            max_num_batched_tokens=4096, max_model_len=2048,
-                           quantization=quantization, async_scheduling=async_scheduling))
+                           quantization=quantization, async_scheduling=async_scheduling,
+                           kv_cache_dtype=kv_cache_dtype))
     # warm-up: the same prompt lengths in random tokens (no prefix-cache hits later), so every
     # kernel variant the run needs is compiled before it is timed
     rng = random.Random(1)
@@ -86,11 +88,12 @@ def bench_ours(model: str, prompts, max_tokens: int, device: str, dtype: str,
     busy = recorder.device_seconds()
     linear_itemsize = 1 if fp8 and device != "cpu" else None  # CPU multiplies dequantized
     roofline = roofline_seconds(recorder.steps, runner.model_config, runner.dtype.itemsize,
-                                peak, bandwidth, linear_itemsize)
+                                peak, bandwidth, linear_itemsize, runner.kv_dtype.itemsize)
     decode_steps = sum(any(n == 1 and c > 0 for n, c, _ in rows) for rows in recorder.steps)
     result = {"tok_s": tokens / elapsed, "elapsed": elapsed, "tokens": tokens,
               "roofline_s": roofline, "peak": peak, "bandwidth": bandwidth,
               "backend": runner.backend.name, "quantization": quantization or "none",
+              "kv_cache_dtype": kv_cache_dtype,
               "outside_forward": other / (forward + other),
               "device_idle": None if busy is None else 1 - busy / elapsed,
               "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
@@ -145,6 +148,8 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated; default float32,bfloat16 on CPU, bfloat16 on GPU")
     parser.add_argument("--quantization", default="none",
                         help="comma-separated, each run in every dtype: none, fp8")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: E4M3 keys and values; auto: the model's dtype")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers runs")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--no-results", action="store_true",
@@ -156,6 +161,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     return parser.parse_args()
+
+
+def weights_and_kv(result: dict) -> str:
+    """The quantization column: the weights', with an FP8 KV cache named after it."""
+    kv = ", fp8 KV" if result.get("kv_cache_dtype") == "fp8" else ""
+    return result["quantization"] + kv
 
 
 def main() -> None:
@@ -173,7 +184,7 @@ def main() -> None:
     overlap = {"auto": None, "on": True, "off": False}[args.async_scheduling]
     ours = {(d, q): bench_ours(args.model, prompts, args.max_tokens, args.device, d,
                                None if q == "none" else q, overlap, args.temperature,
-                               args.top_p) for d, q in variants}
+                               args.top_p, args.kv_cache_dtype) for d, q in variants}
     sequential, static = {}, {}
     if not args.no_hf:
         sequential = {d: bench_hf(args.model, prompts[:args.sequential_requests],
@@ -182,10 +193,11 @@ def main() -> None:
         static = {d: bench_hf(args.model, prompts[:32], args.max_tokens, 32, args.device, d)
                   for d in dtypes}
     rows = []
-    for (d, q), r in ours.items():
+    for (d, _), r in ours.items():
         r["roofline_tok_s"] = r["tokens"] / r["roofline_s"]
         r["of_roofline"] = r["tok_s"] / r["roofline_tok_s"]
-        rows.append([f"Pagoda engine ({r['backend']} attention)", d, q, args.requests,
+        rows.append([f"Pagoda engine ({r['backend']} attention)", d, weights_and_kv(r),
+                     args.requests,
                      f"{r['tok_s']:.1f}", f"{r['roofline_tok_s']:.0f}",
                      f"{r['of_roofline']:.0%}", f"{r['outside_forward']:.1%}",
                      "" if r["device_idle"] is None else f"{r['device_idle']:.1%}",
@@ -199,7 +211,8 @@ def main() -> None:
     for d, r in static.items():
         rows.append(["HF generate, static batch 32", d, "none", 32, f"{r['tok_s']:.1f}"]
                     + [""] * 9)
-    table = markdown_table(["system", "dtype", "quantization", "requests", "output tok/s",
+    table = markdown_table(["system", "dtype", "quantization (weights, KV)", "requests",
+                            "output tok/s",
                             "roofline tok/s", "of roofline", "outside forward", "device idle",
                             "preemptions",
                             "decode steps in CUDA graphs", f"vs HF sequential ({user_dtype})",
@@ -219,7 +232,8 @@ def main() -> None:
              f"{args.device}.\n{random_note(args.model)}\n"
              f"{COLUMNS_NOTE}\n"
              f"{limits}\n- `dtype: auto` here: {auto_dtype}\n"
-             f"- KV cache: {first['kv_bytes_per_token']} bytes per token ({dtypes[0]})\n")
+             f"- KV cache: {first['kv_bytes_per_token']} bytes per token ({dtypes[0]}, "
+             f"kv_cache_dtype {args.kv_cache_dtype})\n")
     print(table + notes)
     if args.json:
         with open(args.json, "w") as f:

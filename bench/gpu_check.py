@@ -58,11 +58,14 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
              "--out", model]
         runs.append([Stage(f"random_{tag}", write, 150)])
         # one process each: a failure loses one table; "sync" runs without overlapped steps
-        for quantization, overlap in [("none", "auto"), ("none", "off"), ("fp8", "auto")]:
-            name = f"engine_{tag}_{quantization}" + ("_sync" if overlap == "off" else "")
+        for quantization, overlap, kv in [("none", "auto", "auto"), ("none", "off", "auto"),
+                                          ("fp8", "auto", "auto"), ("fp8", "auto", "fp8")]:
+            name = f"engine_{tag}_{quantization}" + ("_sync" if overlap == "off" else "") + \
+                ("_kv8" if kv == "fp8" else "")
             runs[-1].append(Stage(name, [py, "bench/engine.py", "--model", model, *engine,
                                          "--quantization", quantization, "--async-scheduling",
-                                         overlap, "--json", os.path.join(out, f"{name}.json")],
+                                         overlap, "--kv-cache-dtype", kv,
+                                         "--json", os.path.join(out, f"{name}.json")],
                                   # fp8 first times its matmuls (and compiles Triton's)
                                   (200 if tag == "8b" else 120) + 30 * (quantization == "fp8")))
         steady = ["--batch", "4", "--context", "32", "--steps", "3"] if dry else []
@@ -83,9 +86,11 @@ def stages(args, work: str, out: str, smollm2: str) -> list[Stage]:
     # first) and the other tests
     tables = [stage for run in runs for stage in run]  # random_1b, engine_1b_none, ...
     return [info, *tables[:2], kernel_tests, *tables[2:], *reversed(profiles),
+            # FP8 weights, then an FP8 KV cache, each against bf16
             Stage("fp8_accuracy", pytest + ["-s", "tests/core/test_fp8_accuracy.py", *collect],
-                  150, True),
+                  240, True),
             Stage("core_tests", pytest + ["tests/core/test_fp8.py", "tests/core/test_kv_memory.py",
+                                          "tests/core/test_fp8_kv_engine.py",
                                           "tests/core/test_async_scheduling.py",
                                           "tests/core/test_input_staging.py", on_smollm2,
                                           *collect],

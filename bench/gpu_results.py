@@ -23,7 +23,7 @@ from bench.roofline import COLUMNS_NOTE
 
 LIKE = {"1b": "Llama-3.2-1B", "8b": "Llama-3.1-8B"}
 VARIANTS = [("none", "overlapped steps"), ("none_sync", "plain steps"),
-            ("fp8", "overlapped steps")]
+            ("fp8", "overlapped steps"), ("fp8_kv8", "overlapped steps")]
 
 
 def machine(folder: str) -> str:
@@ -53,13 +53,15 @@ def section(found_by_stage: dict, tag: str) -> str | None:
             continue
         (key, r), = found.items()
         dtype, quantization = key.split("/")
-        rows.append([f"Pagoda engine ({r['backend']} attention), {steps}", dtype, quantization,
+        kv = ", fp8 KV" if r.get("kv_cache_dtype") == "fp8" else ""
+        rows.append([f"Pagoda engine ({r['backend']} attention), {steps}", dtype,
+                     quantization + kv,
                      f"{r['tok_s']:.0f}", f"{r['roofline_tok_s']:.0f}", f"{r['of_roofline']:.0%}",
                      f"{r['device_idle']:.1%}", f"{r['outside_forward']:.1%}", r["preemptions"],
                      f"{r['graph_steps']}/{r['decode_steps']}", r.get("piecewise_steps", ""),
                      r["num_kv_blocks"]])
-        limits.append(f"{quantization}, {steps}: matmul peak {r['peak'] / 1e12:.0f} TFLOP/s, copy "
-                      f"bandwidth {r['bandwidth'] / 1e12:.2f} TB/s")
+        limits.append(f"{quantization}{kv}, {steps}: matmul peak {r['peak'] / 1e12:.0f} "
+                      f"TFLOP/s, copy bandwidth {r['bandwidth'] / 1e12:.2f} TB/s")
     if not rows:
         return None
     table = markdown_table(["system", "dtype", "weights", "output tok/s", "roofline tok/s",

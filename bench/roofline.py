@@ -110,14 +110,16 @@ class StepRecorder:
 
 
 def roofline_seconds(steps, cfg: ModelConfig, itemsize: int, peak_flops: float,
-                     bandwidth: float, linear_itemsize: int | None = None) -> float:
-    """linear_itemsize: bytes per weight of the decoder layers' linears (1 in FP8), when it
-    differs from `itemsize` (the embeddings, LM head and KV cache)."""
+                     bandwidth: float, linear_itemsize: int | None = None,
+                     kv_itemsize: int | None = None) -> float:
+    """linear_itemsize: bytes per weight of the decoder layers' linears (1 in FP8), and
+    kv_itemsize bytes per cached key or value (1 in an FP8 cache), when they differ from
+    `itemsize` (the embeddings and LM head)."""
     d, h, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     layer_params = d * (h + 2 * kv) + h * d + 3 * d * cfg.intermediate_size
     linear_params = cfg.num_layers * layer_params
     head_params = cfg.vocab_size * d
-    kv_bytes_per_token = 2 * cfg.num_layers * kv * itemsize
+    kv_bytes_per_token = 2 * cfg.num_layers * kv * (kv_itemsize or itemsize)
     weight_bytes = linear_params * (linear_itemsize or itemsize) + head_params * itemsize
     total = 0.0
     for rows in steps:

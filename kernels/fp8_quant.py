@@ -3,7 +3,8 @@
 rounded to E4M3. The same numbers as `workers/engine/fp8.quantize_rows`, which in PyTorch
 takes about nine kernels per call: on a GPU those small launches cost more than FP8 weights
 save at decode batch sizes. `e4m3_scale` and `round_to_e4m3` are the quantization itself,
-called too by the RMSNorm and SiLU-mul kernels that write E4M3 rows.
+called too by the RMSNorm and SiLU-mul kernels that write E4M3 rows, and, through
+`to_element_type`, by the kernels that write keys and values into an FP8 KV cache.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def round_to_e4m3(x, scale):
     steps = tl.abs(y) * 512.0 + 8388608.0 - 8388608.0  # below 2^-6 the grid step is 2^-9
     subnormal = (steps / 512.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
     return tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_element_type(x, ptr):
+    """x in the element type `ptr` points to; into E4M3 (an FP8 KV cache, whose scale is 1)
+    clamped to +-448 and rounded as `kernels.reference.to_cache_dtype` rounds."""
+    if ptr.dtype.element_ty == tl.float8e4nv:
+        x = round_to_e4m3(x.to(tl.float32), 1.0)
+    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """Write one step's new keys and values into the paged cache by slot mapping.
 
 Slot s is block s // block_size, offset s % block_size. A negative slot writes nothing: padded
-rows of a captured decode batch use -1.
+rows of a captured decode batch use -1. An E4M3 cache (`kv_cache_dtype: fp8`) holds each value
+rounded to E4M3 with a scale of 1, clamped to +-448.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import check_same_device, check_tensor, rows_per_program
+from kernels.fp8_quant import to_element_type
+from kernels.launch import KV_FP8, check_same_device, check_tensor, rows_per_program
 
 
 @triton.jit
@@ -36,9 +38,9 @@ def _kv_write_kernel(
     v = tl.load(v_ptr + token[:, None] * stride_vt + h[:, None] * stride_vh + d[None, :],
                 mask=mask)
     tl.store(k_cache_ptr + block * stride_kcb + offset * stride_kcs + h[:, None] * stride_kch
-             + d[None, :], k, mask=mask)
+             + d[None, :], to_element_type(k, k_cache_ptr), mask=mask)
     tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + h[:, None] * stride_vch
-             + d[None, :], v, mask=mask)
+             + d[None, :], to_element_type(v, v_cache_ptr), mask=mask)
 
 
 def check_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -56,8 +58,10 @@ def check_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     if k.shape[1:] != k_cache.shape[2:]:
         raise ValueError(f"k rows {tuple(k.shape[1:])} do not fit cache rows "
                          f"{tuple(k_cache.shape[2:])}")
-    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
-        raise ValueError(f"k/v dtype {k.dtype} must match cache dtype {k_cache.dtype}")
+    if k.dtype != v.dtype or k_cache.dtype != v_cache.dtype or \
+            k_cache.dtype not in (k.dtype, KV_FP8):
+        raise ValueError(f"k/v dtype {k.dtype} must match cache dtype {k_cache.dtype} "
+                         f"(or the cache be {KV_FP8})")
     if slot_mapping.shape[0] != k.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for "
                          f"{k.shape[0]} tokens")

@@ -6,6 +6,8 @@ import os
 import torch
 import triton
 
+from kernels.reference import KV_FP8
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -36,14 +38,16 @@ def check_same_device(*tensors: torch.Tensor) -> None:
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor) -> None:
-    """Caches: [num_blocks, block_size, num_kv_heads, head_dim]; q: [tokens, heads, head_dim]."""
-    check_tensor("k_cache", k_cache, dims=4, dtypes=FLOAT_DTYPES)
-    check_tensor("v_cache", v_cache, dims=4, dtypes=FLOAT_DTYPES)
+    """Caches: [num_blocks, block_size, num_kv_heads, head_dim] in q's dtype or E4M3;
+    q: [tokens, heads, head_dim]."""
+    check_tensor("k_cache", k_cache, dims=4, dtypes=(*FLOAT_DTYPES, KV_FP8))
+    check_tensor("v_cache", v_cache, dims=4, dtypes=(*FLOAT_DTYPES, KV_FP8))
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
                          "differ")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"cache dtype {k_cache.dtype} must match q dtype {q.dtype}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, KV_FP8):
+        raise ValueError(f"cache dtype {k_cache.dtype} must match q dtype {q.dtype} "
+                         f"(or be {KV_FP8})")
     if k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"head_dim of q ({q.shape[2]}) and cache ({k_cache.shape[3]}) differ")
     if q.shape[1] % k_cache.shape[2]:

@@ -33,9 +33,9 @@ def _attend_tile(acc, l_i, m_i, q, tile, kv_end, pos, table, k_base, v_base, d, 
         kv_mask = d_mask[None, :]
     offset = toks % BLOCK_SIZE
     k = tl.load(k_base + block[:, None] * stride_kb + offset[:, None] * stride_ks + d[None, :],
-                mask=kv_mask, other=0.0)
+                mask=kv_mask, other=0.0).to(q.dtype)
     v = tl.load(v_base + block[:, None] * stride_vb + offset[:, None] * stride_vs + d[None, :],
-                mask=kv_mask, other=0.0)
+                mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         s = tl.where((toks[None, :] <= pos[:, None]) & t_mask[None, :], s, float("-inf"))
@@ -48,7 +48,7 @@ def _attend_tile(acc, l_i, m_i, q, tile, kv_end, pos, table, k_base, v_base, d, 
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
 
 

@@ -7,14 +7,26 @@ import math
 import torch
 import torch.nn.functional as F
 
+KV_FP8 = torch.float8_e4m3fn  # an FP8 KV cache: E4M3 values with a scale of 1
+KV_FP8_MAX = 448.0
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a KV cache of `dtype` holds it: into E4M3, clamped to +-448 (round to nearest even)."""
+    if dtype == KV_FP8:
+        return x.float().clamp(-KV_FP8_MAX, KV_FP8_MAX).to(KV_FP8)
+    return x.to(dtype)
+
 
 def kv_write_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     num_blocks, block_size = k_cache.shape[:2]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = v[keep]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = \
+        to_cache_dtype(k[keep], k_cache.dtype)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = \
+        to_cache_dtype(v[keep], v_cache.dtype)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_quant import to_element_type
 from kernels.launch import FLOAT_DTYPES, check_same_device, check_tensor, rows_per_program
 
 
@@ -38,8 +39,10 @@ def rotate_heads(x_ptr, out_ptr, x_rows, o_rows, t_mask, cos, sin, j, j_mask, st
     x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
     o_row = out_ptr + o_rows[:, None, None] + h * stride_oh + j[None, None, :]
-    tl.store(o_row, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_row + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    # rounded to the input's dtype first: an E4M3 cache gets what rope, then kv_write, write
+    x_type = x_ptr.dtype.element_ty
+    tl.store(o_row, to_element_type((x1 * cos - x2 * sin).to(x_type), out_ptr), mask=mask)
+    tl.store(o_row + HALF, to_element_type((x2 * cos + x1 * sin).to(x_type), out_ptr), mask=mask)
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 
 The same numbers as `kernels.rope.rope` followed by `kernels.kv_write.kv_write`: the rotated key
 is rounded to the cache dtype once and stored straight into its slot, so it never makes a round
-trip through memory, and each layer launches one kernel instead of two. A negative slot writes
+trip through memory, and each layer launches one kernel instead of two (an E4M3 cache gets
+what `kv_write` writes). A negative slot writes
 no key or value (padded rows of a captured decode batch); their queries are rotated all the same.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_quant import to_element_type
 from kernels.kv_write import check_kv_write
 from kernels.rope import check_rope, rope_tile, rotate_heads, tokens_per_program
 
@@ -41,8 +43,9 @@ def _rope_write_kv_kernel(
     v_row = v_ptr + token[:, None, None] * stride_vt + h * stride_vh + j[None, None, :]
     cache_row = v_cache_ptr + (block * stride_vcb + offset * stride_vcs)[:, None, None] \
         + h * stride_vch + j[None, None, :]
-    tl.store(cache_row, tl.load(v_row, mask=mask), mask=mask)
-    tl.store(cache_row + HALF, tl.load(v_row + HALF, mask=mask), mask=mask)
+    tl.store(cache_row, to_element_type(tl.load(v_row, mask=mask), v_cache_ptr), mask=mask)
+    tl.store(cache_row + HALF, to_element_type(tl.load(v_row + HALF, mask=mask), v_cache_ptr),
+             mask=mask)
 
 
 def rope_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -10,6 +10,9 @@ and quantizing HF transformers' own SmolLM2 the same way outside our engine give
 (965/1097 prompt positions), so the gap is the format's, not the engine's. On an H200
 (`_scaled_mm`, bf16 reference) it is 88.7% (1039/1172): below the GPU bar, which per-block
 scales do not reach on this model either (README, FP8 weights).
+
+An FP8 KV cache alone (E4M3 keys and values, scale 1, weights unquantized) agrees at 95.0%
+(1113/1172 prefill, 76/80 decode) on CPU in float32; the bar is 90% on every device.
 """
 from __future__ import annotations
 
@@ -31,3 +34,14 @@ def test_fp8_top1_agrees_with_unquantized(model_dir):
     assert agreement.prefill_total >= 1000
     assert agreement.prefill / agreement.prefill_total >= THRESHOLD, agreement
     assert agreement.decode / agreement.decode_total >= THRESHOLD, agreement
+
+
+def test_fp8_kv_cache_top1_agrees_with_unquantized(model_dir):
+    """Keys and values rounded to E4M3 with a scale of 1. A scale of 1/16, which lifts small
+    values out of E4M3's subnormals, gave 94.0% here: the 3 mantissa bits set the figure."""
+    config = {"model": model_dir, "max_model_len": 2048, "num_kv_blocks": 512, "dtype": DTYPE}
+    agreement = measure(config, {"kv_cache_dtype": "fp8"}, {}, continuation=16)
+    print(f"fp8 KV cache vs {DTYPE}: {agreement}")
+    assert agreement.prefill_total >= 1000
+    assert agreement.prefill / agreement.prefill_total >= 0.90, agreement
+    assert agreement.decode / agreement.decode_total >= 0.90, agreement

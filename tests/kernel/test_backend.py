@@ -5,6 +5,7 @@ import pytest
 import torch
 from kernel_inputs import ATTN_DTYPES, DEVICE, random_block_tables, random_cache, tolerance
 
+from kernels.reference import KV_FP8
 from workers.engine.attention import AttentionMetadata, TorchBackend
 from workers.engine.backends import get_backend
 from workers.engine.triton_backend import FlashBackend, TritonBackend
@@ -27,16 +28,18 @@ def make_meta(query_lens: list[int], seq_lens: list[int], block_size: int,
         seq_lens_cpu=seq_lens, max_query_len=max(query_lens), max_seq_len=max(seq_lens))
 
 
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv_same", "kv_fp8"])
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
 @pytest.mark.parametrize("query_lens,seq_lens", [
     ([1, 1, 1], [1, 16, 33]),                # decode only
     ([9, 1, 4], [9, 40, 20]),                # prompt, decode and a chunk after a prefix
 ])
-def test_write_then_attend_matches_torch_backend(query_lens, seq_lens, dtype):
+def test_write_then_attend_matches_torch_backend(query_lens, seq_lens, dtype, kv_fp8):
     block_size, num_kv_heads, num_heads, head_dim = 16, 2, 6, 64
     num_blocks = 12
     meta = make_meta(query_lens, seq_lens, block_size, num_blocks)
-    k_cache, v_cache = random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    k_cache, v_cache = (c.to(KV_FP8) if kv_fp8 else c for c in
+                        random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype))
     num_tokens = sum(query_lens)
     q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device=DEVICE)
     k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
@@ -47,7 +50,9 @@ def test_write_then_attend_matches_torch_backend(query_lens, seq_lens, dtype):
         backend.write_kv(k, v, kc, vc, meta.slot_mapping)
         results.append((kc, vc, backend.attention(q, kc, vc, meta, head_dim ** -0.5)))
     (kc, vc, out), (kc_ref, vc_ref, out_ref) = results
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    # as bytes: E4M3 tensors have no equal() on the CPU
+    assert torch.equal(kc.view(torch.uint8), kc_ref.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), vc_ref.view(torch.uint8))
     torch.testing.assert_close(out, out_ref, **tolerance(dtype))
 
 
@@ -86,6 +91,9 @@ def test_rope_write_kv_matches_torch_backend():
 def test_backend_selection():
     assert isinstance(get_backend("triton", DEVICE), TritonBackend)
     assert isinstance(get_backend("auto", torch.device("cpu")), TorchBackend)
+    # an E4M3 cache: only the Triton and torch backends read it
+    assert get_backend("auto", torch.device("cpu"), fp8_kv=True).name == "torch"
+    assert get_backend("auto", torch.device("cuda"), fp8_kv=True).name == "triton"
     try:
         import vllm_flash_attn  # noqa: F401
     except ImportError:

@@ -2,9 +2,10 @@
 GPU: Triton's front end and its bundled ptxas reject code the interpreter runs happily (a
 non-constexpr global, say), and a GPU is rarely at hand.
 
-A subprocess runs the real engine (Triton backend, bf16, then with FP8 weights) with Triton's
-launch replaced by a compile for an H100/H200 target: the kernels and specializations a GPU run
-would build. A kernel's variant that writes E4M3 rows is listed apart."""
+A subprocess runs the real engine (Triton backend, bf16, then with FP8 weights, then with an
+FP8 KV cache) with Triton's launch replaced by a compile for an H100/H200 target: the kernels
+and specializations a GPU run would build. A kernel's variants that write E4M3 rows or read or
+write an E4M3 cache are listed apart."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ from kernels.fp8_matmul import TILES
 HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 COMPILE_ONLY = """
 import os, re, sys
+import torch
 import triton
 import triton.runtime.jit as jit
 from triton.backends.compiler import GPUTarget
@@ -33,7 +35,10 @@ shared, matmul_wgmma = [], []
 run = jit.JITFunction.run
 
 def compile_only(self, *args, grid, warmup, **kwargs):
-    compiled.add(self.__name__ + ("(FP8_OUT)" if kwargs.get("FP8_OUT") else ""))
+    fp8_kv = any("cache_ptr" in name and getattr(a, "dtype", None) == torch.float8_e4m3fn
+                 for name, a in zip(self.arg_names, args))
+    compiled.add(self.__name__ + ("(FP8_OUT)" if kwargs.get("FP8_OUT") else "")
+                 + ("(FP8_KV)" if fp8_kv else ""))
     kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
     shared.append(kernel.metadata.shared)
     if self.__name__ == "_fp8_matmul_kernel":
@@ -46,7 +51,6 @@ def compile_only(self, *args, grid, warmup, **kwargs):
     return kernel
 
 jit.JITFunction.run = compile_only
-import torch
 import kernels.fp8_matmul
 import kernels.fp8_quant
 import workers.engine.triton_backend  # decorated for the compiler: no interpreter yet
@@ -55,10 +59,10 @@ from workers.engine.config import EngineConfig
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
-for quantization in (None, "fp8"):
+for quantization, kv in ((None, "auto"), ("fp8", "auto"), (None, "fp8")):
     engine = LLMEngine(EngineConfig(model=sys.argv[1], device="cpu", dtype="bfloat16",
                                     attention_backend="triton", num_kv_blocks=64,
-                                    quantization=quantization))
+                                    quantization=quantization, kv_cache_dtype=kv))
     engine.add_request("a", list(range(100, 140)), SamplingParams(max_tokens=3, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
@@ -87,7 +91,9 @@ def test_the_engines_kernels_compile_for_sm90(model_dir):
     assert names.split() == sorted([
         "_fp8_matmul_kernel", "_paged_decode_kernel", "_paged_prefill_kernel",
         "_quantize_rows_kernel", "_rms_norm_kernel", "_rms_norm_kernel(FP8_OUT)",
-        "_rope_write_kv_kernel", "_silu_mul_kernel", "_silu_mul_kernel(FP8_OUT)"])
+        "_rope_write_kv_kernel", "_silu_mul_kernel", "_silu_mul_kernel(FP8_OUT)",
+        "_paged_decode_kernel(FP8_KV)", "_paged_prefill_kernel(FP8_KV)",
+        "_rope_write_kv_kernel(FP8_KV)"])
     most_shared, matmuls, wgmma = sizes.split()
     assert int(most_shared) <= HOPPER_SHARED_BYTES  # else the launch fails on the GPU
     # every FP8 matmul variant runs on Hopper's warpgroup tensor-core instructions and promotes

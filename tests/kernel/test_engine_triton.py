@@ -1,5 +1,6 @@
 """The engine on SmolLM2 with the Triton backend (interpreted on CPU) matches the torch backend,
-and its FP8 inputs fused into the norm and SiLU-mul kernels match the unfused ones."""
+with its cache in the model's dtype or in E4M3, and its FP8 inputs fused into the norm and
+SiLU-mul kernels match the unfused ones."""
 from __future__ import annotations
 
 import pytest
@@ -15,14 +16,16 @@ pytestmark = pytest.mark.slow
 PREFIX = "You are a helpful assistant. Answer in one short sentence. Question: "
 
 
-def greedy(model_dir: str, backend: str) -> tuple[list[list[int]], int]:
+def greedy(model_dir: str, backend: str, kv_cache_dtype: str = "auto"
+           ) -> tuple[list[list[int]], int]:
     """A 16-token step budget cuts the first prompt into two chunks while "Hi" decodes beside
     it (mixed batches); the second call hits the prefix cache, so prefill runs after a cached
     block too. Kept small: the interpreter runs each Triton program in Python."""
     # float32, like every token-equality test: bf16 backends may round a near-tie apart
     llm = LLM(EngineConfig(model=model_dir, attention_backend=backend, block_size=8,
                            max_model_len=128, num_kv_blocks=32, max_num_seqs=4,
-                           max_num_batched_tokens=16, dtype="float32"))
+                           max_num_batched_tokens=16, dtype="float32",
+                           kv_cache_dtype=kv_cache_dtype))
     assert llm.engine.runner.backend.name == backend
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     first = llm.generate([PREFIX + "What is the capital of France?", "Hi"], params)
@@ -35,6 +38,15 @@ def test_triton_backend_greedy_matches_torch_backend(model_dir):
     torch_tokens, torch_cached = greedy(model_dir, "torch")
     assert triton_cached > 0 and triton_cached == torch_cached
     assert all(len(t) == 4 for t in triton_tokens)
+    assert triton_tokens == torch_tokens
+
+
+def test_an_fp8_kv_cache_reads_the_same_with_both_backends(model_dir):
+    """Both backends write the same E4M3 bits (tests/kernel/test_kv_cache_fp8.py) and attend
+    over them in float32: the same greedy tokens, through chunked prefill and a prefix hit."""
+    triton_tokens, triton_cached = greedy(model_dir, "triton", "fp8")
+    torch_tokens, torch_cached = greedy(model_dir, "torch", "fp8")
+    assert triton_cached > 0 and triton_cached == torch_cached
     assert triton_tokens == torch_tokens
 
 

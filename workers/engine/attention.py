@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import rms_norm_ref, rope_ref, silu_mul_ref
+from kernels.reference import KV_FP8, rms_norm_ref, rope_ref, silu_mul_ref, to_cache_dtype
 
 
 @dataclass
@@ -48,8 +48,9 @@ class TorchBackend:
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         num_slots = k_cache.shape[0] * k_cache.shape[1]
-        k_cache.view(num_slots, -1).index_copy_(0, slot_mapping, k.reshape(k.shape[0], -1))
-        v_cache.view(num_slots, -1).index_copy_(0, slot_mapping, v.reshape(v.shape[0], -1))
+        for new, cache in ((k, k_cache), (v, v_cache)):
+            rows = to_cache_dtype(new.reshape(new.shape[0], -1), cache.dtype)
+            _bytes(cache).view(num_slots, -1).index_copy_(0, slot_mapping, _bytes(rows))
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -82,11 +83,13 @@ class TorchBackend:
                                                  meta.block_tables[i], meta.seq_lens_cpu[i], scale)
 
     @staticmethod
-    def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        """A sequence's (or a batch's) first `length` keys or values, in `dtype`."""
         num_blocks, block_size, heads, dim = cache.shape
         table = block_table[..., : -(-length // block_size)]
         # index_select on a 2-D view is a plain multi-threaded row copy, much faster than indexing
-        rows = cache.view(num_blocks, -1).index_select(0, table.reshape(-1).long())
+        rows = cache.view(num_blocks, -1).index_select(0, table.reshape(-1).long()).to(dtype)
         return rows.view(*table.shape[:-1], -1, heads, dim)[..., :length, :, :]
 
     def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, lens, scale):
@@ -105,8 +108,8 @@ class TorchBackend:
     def _decode_group(self, q, k_cache, v_cache, block_tables, seq_lens, max_len, scale):
         # One query row per head: SDPA's kernels are slow at that shape on CPU, two bmm per KV
         # head over the gathered context are 1.5x faster.
-        k = self._gather(k_cache, block_tables, max_len)  # [B, L, Hkv, D]
-        v = self._gather(v_cache, block_tables, max_len)
+        k = self._gather(k_cache, block_tables, max_len, q.dtype)  # [B, L, Hkv, D]
+        v = self._gather(v_cache, block_tables, max_len, q.dtype)
         b, _, kv_heads, dim = k.shape
         q = q.view(b, kv_heads, -1, dim)  # [B, Hkv, group, D]
         padding = torch.arange(max_len, device=q.device)[None, None, :] >= seq_lens[:, None, None]
@@ -119,8 +122,8 @@ class TorchBackend:
 
     def _prefill(self, q, k_cache, v_cache, block_table, seq_len, scale):
         n, heads, _ = q.shape
-        k = self._gather(k_cache, block_table, seq_len).transpose(0, 1)  # [Hkv, L, D]
-        v = self._gather(v_cache, block_table, seq_len).transpose(0, 1)
+        k = self._gather(k_cache, block_table, seq_len, q.dtype).transpose(0, 1)  # [Hkv, L, D]
+        v = self._gather(v_cache, block_table, seq_len, q.dtype).transpose(0, 1)
         # 4-D inputs with every query head's K/V materialized take SDPA's flash path on CPU;
         # 3-D or enable_gqa inputs fall back to the 3x slower math path.
         k = k.repeat_interleave(heads // k.shape[0], dim=0)[None]
@@ -154,3 +157,8 @@ class TorchBackend:
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul_ref(x)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """An E4M3 tensor as bytes, which CPU index ops take (they lack float8); others as they are."""
+    return t.view(torch.uint8) if t.dtype == KV_FP8 else t

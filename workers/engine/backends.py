@@ -6,9 +6,12 @@ import torch
 from workers.engine.attention import TorchBackend
 
 
-def get_backend(name: str, device: torch.device):
+def get_backend(name: str, device: torch.device, fp8_kv: bool = False):
     """auto: flash when installed on CUDA, else Triton on CUDA; on CPU the C++ decode kernel
-    where it builds, else the torch reference."""
+    where it builds, else the torch reference. An E4M3 KV cache (`fp8_kv`) is read by the
+    Triton and torch backends only."""
+    if name == "auto" and fp8_kv:
+        name = "triton" if device.type == "cuda" else "torch"
     if name == "auto":
         if device.type == "cpu":
             from workers.engine.cpu_attention import CpuBackend, load

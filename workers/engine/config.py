@@ -31,6 +31,9 @@ class EngineConfig(BaseModel):
     kv_cache_memory_gb: float | None = Field(None, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # share of the GPU the engine holds
     quantization: Literal["fp8"] | None = None  # fp8: E4M3 linear weights, quantized at load
+    # fp8: keys and values held in E4M3 with a scale of 1, half the bytes of bf16 (Triton or
+    # torch attention); auto: the model's dtype
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=1)  # None: the model's own limit (context_len)
@@ -63,6 +66,9 @@ class EngineConfig(BaseModel):
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
         if self.async_scheduling and self.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling needs pipeline_parallel_size 1")
+        if self.kv_cache_dtype == "fp8" and self.attention_backend in ("cpu", "flash"):
+            raise ValueError(f"kv_cache_dtype fp8 needs the triton or torch attention backend, "
+                             f"not {self.attention_backend}")
         return self
 
     @cached_property

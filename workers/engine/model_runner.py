@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kernels.reference import KV_FP8
 from workers.engine.attention import AttentionMetadata
 from workers.engine.backends import get_backend
 from workers.engine.config import EngineConfig
@@ -97,7 +98,9 @@ class ModelRunner:
                                                  config.pipeline_parallel_size)).check()
         self.ctx = init_parallel(config.tensor_parallel_size, config.pipeline_parallel_size,
                                  rank, init_method or "", self.device)
-        self.backend = get_backend(config.attention_backend, self.device)
+        self.backend = get_backend(config.attention_backend, self.device,
+                                   fp8_kv=config.kv_cache_dtype == "fp8")
+        self.kv_dtype = KV_FP8 if config.kv_cache_dtype == "fp8" else self.dtype
         torch.manual_seed(config.seed)
         with torch.device(self.device):
             model = CausalLM(self.model_config, self.backend, self.ctx)
@@ -152,7 +155,7 @@ class ModelRunner:
         c, ctx = self.model_config, self.ctx
         layers = max(len(stage_layers(c.num_layers, ctx.pp_size, s)) for s in range(ctx.pp_size))
         kv_heads = c.layout(ctx).kv_heads
-        return 2 * layers * kv_heads * c.head_dim * self.dtype.itemsize
+        return 2 * layers * kv_heads * c.head_dim * self.kv_dtype.itemsize
 
     def _size_kv_cache(self, graphs: bool) -> int:
         block_bytes = self.kv_bytes_per_token * self.config.block_size
@@ -167,7 +170,8 @@ class ModelRunner:
         c = self.model_config
         shape = (2, self.num_blocks, self.config.block_size, c.layout(self.ctx).kv_heads,
                  c.head_dim)
-        kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.stage]
+        kv = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+              for _ in self.model.stage]
         return [(t[0], t[1]) for t in kv]
 
     def _gather_weight_bytes(self) -> list[int]:
