@@ -75,6 +75,15 @@ def test_completions(client, model_name):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == generated
 
 
+def test_echo_of_a_one_token_prompt_scores_it(client, model_name, http):
+    [token] = http.post("/tokenize", json={"prompt": "Hello"}).json()["tokens"]
+    choice = client.completions.create(model=model_name, prompt=[token], max_tokens=2,
+                                       temperature=0, logprobs=1, echo=True).choices[0]
+    assert choice.text.startswith("Hello") and "".join(choice.logprobs.tokens) == choice.text
+    assert len(choice.logprobs.tokens) == 3 and choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.text_offset[:2] == [0, 5]
+
+
 def test_completions_with_token_prompts(client, model_name, http):
     tokens = http.post("/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
     by_ids = client.completions.create(model=model_name, prompt=[tokens, tokens], max_tokens=4,

@@ -218,6 +218,18 @@ def test_prompt_logprobs_match_hf_across_prefill_chunks(model_dir, hf):
         assert [t for t, _ in top] == ref[pos - 1].topk(2).indices.tolist()
 
 
+def test_a_one_token_prompt_has_its_one_prompt_logprob(llm):
+    [token] = llm.tokenizer.encode("Hello")
+    out = llm.engine
+    out.add_request("one", [token], SamplingParams(max_tokens=3, prompt_logprobs=2))
+    outputs = []
+    while out.has_unfinished():
+        outputs += out.step()
+    assert outputs[0].prompt_logprobs == [None]
+    assert all(o.prompt_logprobs is None for o in outputs[1:])
+    assert_all_blocks_free(llm)
+
+
 def test_bad_input_raises_typed_errors_and_leaves_engine_clean(llm):
     engine = llm.engine
     with pytest.raises(ContextLengthError, match="1024"):

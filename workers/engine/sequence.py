@@ -59,6 +59,9 @@ class Sequence:
             not p.logit_bias
         self.eager_text = bool(p.stop)
         self.wants_prompt_logprobs = p.prompt_logprobs is not None
+        if self.wants_prompt_logprobs and self.num_prompt_tokens == 1:
+            # no step computes a row for it: its one token has no context to be predicted from
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
