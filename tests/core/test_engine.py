@@ -220,11 +220,11 @@ def test_prompt_logprobs_match_hf_across_prefill_chunks(model_dir, hf):
 
 def test_a_one_token_prompt_has_its_one_prompt_logprob(llm):
     [token] = llm.tokenizer.encode("Hello")
-    out = llm.engine
-    out.add_request("one", [token], SamplingParams(max_tokens=3, prompt_logprobs=2))
+    engine = llm.engine
+    engine.add_request("one", [token], SamplingParams(max_tokens=3, prompt_logprobs=2))
     outputs = []
-    while out.has_unfinished():
-        outputs += out.step()
+    while engine.has_unfinished():
+        outputs += engine.step()
     assert outputs[0].prompt_logprobs == [None]
     assert all(o.prompt_logprobs is None for o in outputs[1:])
     assert_all_blocks_free(llm)
