@@ -39,13 +39,15 @@ def weather_tool(calls: list[str]):
     return get_weather
 
 
-@pytest.fixture(params=["responses", "chat"])
-def model(request, server, model_name):
-    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                         timeout=120)
-    if request.param == "responses":
-        return OpenAIResponsesModel(model_name, client)
-    return OpenAIChatCompletionsModel(model_name, client)
+@pytest.fixture
+def async_client(server) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(params=[OpenAIResponsesModel, OpenAIChatCompletionsModel],
+                ids=["responses", "chat"])
+def model(request, async_client, model_name):
+    return request.param(model_name, async_client)
 
 
 async def test_forced_call_runs_the_tool(model):
@@ -68,12 +70,10 @@ async def test_forced_call_runs_the_tool(model):
     assert "response.function_call_arguments.delta" in raw
 
 
-async def test_tool_results_go_back_to_the_model_through_either_api(server, model_name):
-    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                         timeout=120)
+async def test_tool_results_go_back_to_the_model_through_either_api(async_client, model_name):
     answers = []
-    for model in (OpenAIResponsesModel(model_name, client),
-                  OpenAIChatCompletionsModel(model_name, client)):
+    for model in (OpenAIResponsesModel(model_name, async_client),
+                  OpenAIChatCompletionsModel(model_name, async_client)):
         calls: list[str] = []
         agent = Agent(name="weather", instructions="Use the tools.", model=model,
                       tools=[weather_tool(calls)], model_settings=FORCED)
